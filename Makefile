@@ -1,0 +1,22 @@
+# The two commands of the README. Both set up .venv first (see scripts/setup.sh).
+PROFILE ?= cpu
+ARGS ?=
+VENV := .venv/bin
+
+.PHONY: setup report test lint clean
+
+setup:
+	@bash scripts/setup.sh
+
+report: setup
+	$(VENV)/effllm report --profile $(PROFILE) $(ARGS)
+
+lint: setup
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+test: lint
+	$(VENV)/python -m pytest -q
+
+clean:
+	rm -rf .venv reports/*/
