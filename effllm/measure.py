@@ -1,0 +1,114 @@
+"""Measure the same way everywhere: synchronise, discard warm-up, repeat, report median and spread.
+
+Peak memory: on CUDA, max allocated and reserved after a reset; on CPU, the peak resident set of a fresh
+process per configuration (`isolated`), so one configuration's peak cannot bleed into the next. Machine
+ceilings (read bandwidth, matmul rate) are measured here too, for roofline fractions.
+"""
+
+import contextlib
+import importlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 1, repeats: int = 3
+) -> dict:
+    """Wall times of fn() after warm-up runs: median, min, max (seconds) and every repeat."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times": times}
+
+
+@contextlib.contextmanager
+def cuda_peak(device: torch.device | str):
+    """Yields a dict that receives peak_allocated_bytes and peak_reserved_bytes of the block (CUDA only)."""
+    out: dict = {}
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    yield out
+    torch.cuda.synchronize(device)
+    out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
+
+
+def isolated(target: str, kwargs: dict, *, timeout: float | None = None) -> dict:
+    """Run `module:function(**kwargs)` in a fresh Python process; its result dict plus status and peak RSS.
+
+    A crash or an out-of-memory kill becomes {"status": "oom" | "error", "reason": ...}, never an exception.
+    """
+    cmd = [sys.executable, "-m", "effllm.measure", target, json.dumps(kwargs)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    if proc.returncode in (-9, 137):
+        return {"status": "oom", "reason": "killed by the kernel (out of memory)"}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"status": "error", "reason": f"exit {proc.returncode}: {tail}"}
+
+
+def _child(target: str, kwargs_json: str) -> None:
+    module, name = target.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    base = peak_rss_bytes()
+    try:
+        result = {"status": "ok", "reason": "", **fn(**json.loads(kwargs_json))}
+    except Exception as exc:  # a failed configuration is a result row, not a crash
+        result = {"status": "oom" if is_oom(exc) else "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
+    result.update(peak_rss_bytes=peak_rss_bytes(), baseline_rss_bytes=base)
+    print(json.dumps(result), flush=True)
+
+
+def read_bandwidth(*, size_mb: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Memory read bandwidth in bytes/s: the best of several sums over a buffer larger than the caches."""
+    x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32, device=device)
+    best = min(time_fn(lambda: x.sum(), device=device, repeats=repeats)["times"])
+    return x.numel() * 4 / best
+
+
+def matmul_rate(
+    *, n: int = 1024, dtype: torch.dtype = torch.float32, repeats: int = 5, device: str = "cpu"
+) -> float:
+    """Measured dense matmul rate in FLOP/s for (n, n) @ (n, n)."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = min(time_fn(lambda: a @ b, device=device, repeats=repeats)["times"])
+    return 2 * n**3 / best
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from effllm import measure
+
+
+def ok_config(n: int) -> dict:
+    """A configuration that allocates n MiB and reports it."""
+    x = torch.ones(n * 2**18)  # n MiB of fp32
+    return {"allocated_bytes": x.numel() * 4}
+
+
+def oom_config() -> dict:
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def crash_config() -> dict:
+    raise ValueError("unsupported dtype: float8")
+
+
+def test_time_fn_excludes_warmup_and_reports_spread():
+    calls = []
+    t = measure.time_fn(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(t["times"]) == 3
+    assert t["min_s"] <= t["median_s"] <= t["max_s"]
+
+
+def test_isolated_process_reports_its_own_peak_memory():
+    small = measure.isolated("tests.test_measure:ok_config", {"n": 8})
+    big = measure.isolated("tests.test_measure:ok_config", {"n": 200})
+    assert small["status"] == "ok" and big["status"] == "ok"
+    grown = big["peak_rss_bytes"] - small["peak_rss_bytes"]
+    assert 150 * 2**20 < grown < 260 * 2**20  # 192 MiB more, not the sum of both runs
+
+
+def test_out_of_memory_becomes_a_result_not_a_crash():
+    res = measure.isolated("tests.test_measure:oom_config", {})
+    assert res["status"] == "oom" and "20.00 GiB" in res["reason"]
+
+
+def test_other_failures_keep_their_reason():
+    res = measure.isolated("tests.test_measure:crash_config", {})
+    assert res["status"] == "error" and "float8" in res["reason"]
+
+
+def test_machine_ceilings_are_positive_and_plausible():
+    assert 1e8 < measure.read_bandwidth(size_mb=64, repeats=2) < 1e13
+    assert 1e8 < measure.matmul_rate(n=256, repeats=2) < 1e16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_sees_an_allocation():
+    with measure.cuda_peak("cuda") as peak:
+        x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        del x
+    assert peak["peak_allocated_bytes"] >= 64 * 2**20
+    assert not math.isnan(peak["peak_reserved_bytes"])
