@@ -1,16 +1,24 @@
-"""effllm: running and fine-tuning Llama-family models efficiently on limited hardware."""
+"""effllm: running and fine-tuning Llama-family models efficiently on limited hardware.
 
-from effllm.decoding import generate
-from effllm.load import load, load_model, load_tokenizer
-from effllm.model import Llama, ModelArgs, kv_cache_bytes, param_bytes
+The public API is imported lazily, so that `effllm report` starts without loading torch.
+"""
 
-__all__ = [
-    "Llama",
-    "ModelArgs",
-    "generate",
-    "kv_cache_bytes",
-    "load",
-    "load_model",
-    "load_tokenizer",
-    "param_bytes",
-]
+import importlib
+
+_API = {
+    "Llama": "effllm.model",
+    "ModelArgs": "effllm.model",
+    "kv_cache_bytes": "effllm.model",
+    "param_bytes": "effllm.model",
+    "generate": "effllm.decoding",
+    "load": "effllm.load",
+    "load_model": "effllm.load",
+    "load_tokenizer": "effllm.load",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'effllm' has no attribute {name!r}")

@@ -1,0 +1,131 @@
+"""Named parameter profiles (smoke / cpu / gpu) for the report notebooks, and command-line overrides.
+
+A profile is `{"common": {...}, "<notebook stem>": {...}}`. The parameters a notebook gets are
+common, then its own entry, then `--set key=value` (all notebooks), then `--set stem.key=value`;
+the runner passes on only the names the notebook's `parameters` cell declares.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+from collections.abc import Iterable
+from typing import Any
+
+DEFAULT_PROFILE = "cpu"
+ALL = "*"  # key of the overrides that apply to every notebook
+
+# Fine-tuning notebooks (02-05) share one shape of settings; each notebook gets its own copy to edit.
+_FINETUNE_SMOKE = dict(train_examples=8, max_len=32, steps=2, lr=1e-5, optimizer="sgd", accum_steps=2)
+_FINETUNE_CPU = dict(train_examples=64, max_len=128, steps=8, lr=1e-5, optimizer="sgd", accum_steps=4)
+_FINETUNE_GPU = dict(train_examples=200, max_len=256, steps=25, lr=1e-5, optimizer="sgd", accum_steps=8)
+_KV_FULL = dict(
+    batch_sizes=[1, 8, 16], prompt_len=64, new_tokens=64, repeats=3, sweep_lengths=[16, 32, 64, 128, 256]
+)
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {  # seconds: checks that every notebook runs end to end on the toy model
+        "common": {"model": "tiny", "device": "cpu", "seed": 0},
+        "01_kv_cache": dict(batch_sizes=[1, 2], prompt_len=8, new_tokens=8, repeats=1, sweep_lengths=[4, 8]),
+        "02_lora": {**_FINETUNE_SMOKE},
+        "03_amp": {**_FINETUNE_SMOKE},
+        "04_checkpointing": {**_FINETUNE_SMOKE},
+        "05_accumulation": {**_FINETUNE_SMOKE},
+        "06_summary": {},
+    },
+    "cpu": {  # the default: SmolLM2-135M on a laptop CPU, whole report in at most ~45 minutes
+        "common": {"model": "smollm2-135m-instruct", "device": "cpu", "seed": 0},
+        "01_kv_cache": {**_KV_FULL},
+        "02_lora": {**_FINETUNE_CPU},
+        "03_amp": {**_FINETUNE_CPU},
+        "04_checkpointing": {**_FINETUNE_CPU},
+        "05_accumulation": {**_FINETUNE_CPU},
+        "06_summary": {},
+    },
+    "gpu": {  # one CUDA GPU; the model must be given with --model PATH_OR_HUB_ID
+        "common": {"model": None, "device": "cuda", "seed": 0},
+        "01_kv_cache": {**_KV_FULL},
+        "02_lora": {**_FINETUNE_GPU},
+        "03_amp": {**_FINETUNE_GPU},
+        "04_checkpointing": {**_FINETUNE_GPU},
+        "05_accumulation": {**_FINETUNE_GPU},
+        "06_summary": {},
+    },
+}
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as a Python or JSON literal, else keep it as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Parse `key=value` / `stem.key=value` strings into `{"*": {...}, "<stem>": {...}}`."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        if not sep or not target.strip():
+            raise ValueError(
+                f"--set {item!r}: expected key=value or notebook.key=value, e.g. --set repeats=5"
+            )
+        stem, _, key = target.strip().rpartition(".")
+        if not key.isidentifier():
+            raise ValueError(f"--set {item!r}: {key!r} is not a valid parameter name")
+        overrides.setdefault(stem or ALL, {})[key] = parse_value(value.strip())
+    return overrides
+
+
+def check_profile(profile: str, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    """Raise ValueError if `profile` is unknown or leaves a required common value (the model) unset."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    common = {**PROFILES[profile]["common"], **(overrides or {}).get(ALL, {})}
+    if common.get("model") is None:
+        raise ValueError(
+            f"profile {profile!r} has no default model: pass --model PATH_OR_HUB_ID "
+            "(a local model directory or .gguf file, or a Hugging Face hub id already in the cache)"
+        )
+
+
+def merged(profile: str, stem: str, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """All parameters for notebook `stem`: common, then its profile entry, then the overrides."""
+    overrides = overrides or {}
+    entry = PROFILES[profile]
+    params = {**entry["common"], **entry.get(stem, {}), **overrides.get(ALL, {}), **overrides.get(stem, {})}
+    return copy.deepcopy(params)
+
+
+def for_notebook(
+    profile: str, stem: str, declared: Iterable[str], overrides: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The merged parameters of notebook `stem`, restricted to the names it `declared`."""
+    declared = set(declared)
+    return {k: v for k, v in merged(profile, stem, overrides).items() if k in declared}
+
+
+def unused_overrides(overrides: dict[str, dict[str, Any]], declared: dict[str, set[str]]) -> list[str]:
+    """Warnings for overrides that no notebook being run declares (`declared`: stem -> names)."""
+    warnings = []
+    for key in overrides.get(ALL, {}):
+        if not any(key in names for names in declared.values()):
+            warnings.append(f"--set {key}=...: no notebook being run declares a parameter {key!r}")
+    for stem, values in overrides.items():
+        if stem == ALL:
+            continue
+        if stem not in declared:
+            warnings.append(
+                f"--set {stem}.*: notebook {stem!r} is not being run (running: {', '.join(declared)})"
+            )
+            continue
+        for key in values:
+            if key not in declared[stem]:
+                warnings.append(f"--set {stem}.{key}=...: {stem} has no parameter {key!r}")
+    return warnings
