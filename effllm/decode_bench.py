@@ -70,6 +70,7 @@ def decode_metrics(
     )
     ids = ids.to(device)
     peak = measure.cuda_peak(device) if device.type == "cuda" else None
+    loaded = measure.reset_peak_rss()  # the peak window starts with the weights resident
     run_generate(net, ids, impl=impl, new_tokens=2, use_cache=use_cache)  # warm-up, excluded
     splits: list[dict] = []
     with peak or _null() as cuda:
@@ -90,6 +91,7 @@ def decode_metrics(
         "decode_s": _median([s["decode_s"] for s in splits]),
         "weights_bytes": param_bytes(net),
         "kv_cache_bytes": cache_bytes,
+        "baseline_rss_bytes": loaded,
     }
     return {**out, **(cuda or {})}
 

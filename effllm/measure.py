@@ -6,6 +6,7 @@ ceilings (read bandwidth, matmul rate) are measured here too, for roofline fract
 """
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -53,9 +54,27 @@ def cuda_peak(device: torch.device | str):
     out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set of this process since start or the last `reset_peak_rss`."""
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> int:
+    """Start a new peak-RSS window (Linux clear_refs 5) so loading is not counted; returns the RSS now."""
+    gc.collect()
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    return _status_bytes("VmRSS") or 0
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -84,12 +103,13 @@ def isolated(target: str, kwargs: dict, *, timeout: float | None = None) -> dict
 def _child(target: str, kwargs_json: str) -> None:
     module, name = target.split(":")
     fn = getattr(importlib.import_module(module), name)
-    base = peak_rss_bytes()
+    base = reset_peak_rss()  # the function may reset again once its model is loaded
     try:
         result = {"status": "ok", "reason": "", **fn(**json.loads(kwargs_json))}
     except Exception as exc:  # a failed configuration is a result row, not a crash
         result = {"status": "oom" if is_oom(exc) else "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
-    result.update(peak_rss_bytes=peak_rss_bytes(), baseline_rss_bytes=base)
+    result.setdefault("baseline_rss_bytes", base)
+    result["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(result), flush=True)
 
 
