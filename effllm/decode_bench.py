@@ -124,9 +124,7 @@ def decode_table(
     """Tidy rows for every impl x batch x cache, each measured in a fresh process."""
     rows = []
     configs = [(s, b, c) for b in batch_sizes for c in caches for s in impls]
-    for i, (impl, batch, cache) in enumerate(configs):
-        if progress:
-            progress(f"[{i + 1}/{len(configs)}] {impl} batch={batch} cache={'on' if cache else 'off'}")
+    for impl, batch, cache in configs if progress is None else progress(configs):
         kw = dict(
             model=model,
             impl=impl,
@@ -255,6 +253,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     import pandas as pd
+    from tqdm import tqdm
+
+    from effllm.tables import inference_table
 
     rows = decode_table(
         model=a.model,
@@ -263,18 +264,19 @@ def main() -> None:
         new_tokens=a.new_tokens,
         repeats=a.repeats,
         device=a.device,
-        progress=print,
+        progress=tqdm,
     )
-    df = pd.DataFrame(rows)
-    print(
-        df[df.metric == "tokens_per_s"].pivot_table(index=["batch", "cache"], columns="impl", values="value")
+    table = inference_table(pd.DataFrame(rows))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.round(3))
+    bw, weights = (
+        measure.read_bandwidth(),
+        pd.DataFrame(rows).query("metric == 'weights_bytes'").value.iloc[0],
     )
-    bw = measure.read_bandwidth()
-    weights = df[df.metric == "weights_bytes"].value.iloc[0]
-    b1 = df[(df.metric == "tokens_per_s") & (df.batch == 1) & (df.cache == "on") & (df.impl == "ours")].value
+    b1 = table.loc[(min(a.batch_sizes), "on"), "tokens_per_s"]
     print(
-        f"read bandwidth {bw / 1e9:.1f} GB/s -> batch-1 limit {bw / weights:.1f} tokens/s; "
-        f"ours {b1.iloc[0]:.1f} tokens/s = {b1.iloc[0] * weights / bw:.0%} of the limit"
+        f"read bandwidth {bw / 1e9:.1f} GB/s, batch-{min(a.batch_sizes)} limit {bw / weights:.1f} tokens/s; "
+        f"ours {b1:.1f} tokens/s = {b1 * weights / bw:.0%} of the limit"
     )
 
 

@@ -347,3 +347,17 @@ def to_transformers(model: Llama):
     )
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return ref.to(device=p.device, dtype=p.dtype).eval()
+
+
+def describe_source(source: str | Path) -> dict:
+    """Provenance of a model source: its kind, resolved path and the sha256 of its weight files."""
+    kind, path = resolve(source)
+    if kind == "preset":
+        return {"source": str(source), "kind": "preset", "weights": "seeded random (init_weights, seed 0)"}
+    files = [path] if kind == "gguf" else sorted(path.glob("*.safetensors"))
+    return {
+        "source": str(source),
+        "kind": kind,
+        "path": str(path),
+        "sha256": {f.name: sha256(f) for f in files},
+    }

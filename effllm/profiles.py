@@ -20,14 +20,17 @@ ALL = "*"  # key of the overrides that apply to every notebook
 _FINETUNE_SMOKE = dict(train_examples=8, max_len=32, steps=2, lr=1e-5, optimizer="sgd", accum_steps=2)
 _FINETUNE_CPU = dict(train_examples=64, max_len=128, steps=8, lr=1e-5, optimizer="sgd", accum_steps=4)
 _FINETUNE_GPU = dict(train_examples=200, max_len=256, steps=25, lr=1e-5, optimizer="sgd", accum_steps=8)
-_KV_FULL = dict(
-    batch_sizes=[1, 8, 16], prompt_len=64, new_tokens=64, repeats=3, sweep_lengths=[16, 32, 64, 128, 256]
-)
+_KV_SMOKE = dict(batch_sizes=[1, 2], prompt_len=8, new_tokens=8, repeats=1, sweep_batch_sizes=[1, 2],
+                 sweep_lengths=[4, 8], check_new_tokens=8)  # fmt: skip
+_KV_CPU = dict(batch_sizes=[1, 8, 16], prompt_len=64, new_tokens=64, repeats=3, sweep_batch_sizes=[1, 8],
+               sweep_lengths=[16, 32, 64, 128], check_new_tokens=32)  # fmt: skip
+_KV_GPU = dict(batch_sizes=[1, 8, 16], prompt_len=64, new_tokens=64, repeats=5, sweep_batch_sizes=[1, 8, 16],
+               sweep_lengths=[16, 32, 64, 128, 256], check_new_tokens=64)  # fmt: skip
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {  # seconds: checks that every notebook runs end to end on the toy model
         "common": {"model": "tiny", "device": "cpu", "seed": 0},
-        "01_kv_cache": dict(batch_sizes=[1, 2], prompt_len=8, new_tokens=8, repeats=1, sweep_lengths=[4, 8]),
+        "01_kv_cache": {**_KV_SMOKE},
         "02_lora": {**_FINETUNE_SMOKE},
         "03_amp": {**_FINETUNE_SMOKE},
         "04_checkpointing": {**_FINETUNE_SMOKE},
@@ -36,7 +39,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "cpu": {  # the default: SmolLM2-135M on a laptop CPU, whole report in at most ~45 minutes
         "common": {"model": "smollm2-135m-instruct", "device": "cpu", "seed": 0},
-        "01_kv_cache": {**_KV_FULL},
+        "01_kv_cache": {**_KV_CPU},
         "02_lora": {**_FINETUNE_CPU},
         "03_amp": {**_FINETUNE_CPU},
         "04_checkpointing": {**_FINETUNE_CPU},
@@ -45,7 +48,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "gpu": {  # one CUDA GPU; the model must be given with --model PATH_OR_HUB_ID
         "common": {"model": None, "device": "cuda", "seed": 0},
-        "01_kv_cache": {**_KV_FULL},
+        "01_kv_cache": {**_KV_GPU},
         "02_lora": {**_FINETUNE_GPU},
         "03_amp": {**_FINETUNE_GPU},
         "04_checkpointing": {**_FINETUNE_GPU},
