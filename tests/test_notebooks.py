@@ -1,0 +1,58 @@
+"""The notebooks, executed headlessly under the smoke profile, write their results and the HTML report."""
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from effllm import report
+
+NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+RESULT_COLUMNS = {"metric", "value", "unit", "status", "reason"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_source_is_clean_and_parameterised(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in code), (
+        "commit notebooks without outputs"
+    )
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    for line in "".join(tagged[0]["source"]).splitlines():
+        assert re.match(r"^\w+: [\w\[\], |]+ = .+  # .+", line), (
+            f"parameter without type hint or comment: {line}"
+        )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    code = report.run_report(profile="smoke", run="smoke", out=out)
+    return code, out / "smoke"
+
+
+def test_smoke_report_runs_every_notebook(smoke_run):
+    code, run_dir = smoke_run
+    record = json.loads((run_dir / "run.json").read_text())
+    failed = {k: v["error"] for k, v in record["notebooks"].items() if v["status"] != "ok"}
+    assert code == 0 and not failed, failed
+    assert set(record["notebooks"]) == {p.stem for p in NOTEBOOKS}
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in NOTEBOOKS if not p.stem.endswith("summary")], ids=lambda p: p.stem
+)
+def test_each_notebook_writes_tidy_results(smoke_run, path):
+    df = pd.read_csv(smoke_run[1] / "results" / f"{path.stem}.csv")
+    assert RESULT_COLUMNS <= set(df.columns) and len(df) > 0
+    assert set(df["status"]) <= {"ok", "oom", "unsupported", "error", "skipped"}
+
+
+def test_html_report_holds_the_tables_and_embedded_figures(smoke_run):
+    html = (smoke_run[1] / "report.html").read_text()
+    assert "<table" in html and "data:image/png;base64" in html
+    assert "KV caching" in html and "reference" in html
