@@ -115,13 +115,17 @@ def decode_table(
     prompt_len: int,
     new_tokens: int,
     repeats: int,
+    uncached_repeats: int | None = None,
     impls: tuple[str, ...] = ("ours", "transformers"),
     caches: tuple[bool, ...] = (True, False),
     dtype: str = "float32",
     device: str = "cpu",
     progress=None,
 ) -> list[dict]:
-    """Tidy rows for every impl x batch x cache, each measured in a fresh process."""
+    """Tidy rows for every impl x batch x cache, each measured in a fresh process.
+
+    uncached_repeats (default: repeats) lets the slow no-cache runs repeat fewer times on small machines.
+    """
     rows = []
     configs = [(s, b, c) for b in batch_sizes for c in caches for s in impls]
     for impl, batch, cache in configs if progress is None else progress(configs):
@@ -132,7 +136,7 @@ def decode_table(
             prompt_len=prompt_len,
             new_tokens=new_tokens,
             use_cache=cache,
-            repeats=repeats,
+            repeats=repeats if cache or uncached_repeats is None else uncached_repeats,
             dtype=dtype,
             device=device,
         )
@@ -250,6 +254,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--uncached-repeats", type=int, default=None, help="repeats without the cache (default: --repeats)"
+    )
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     import pandas as pd
@@ -263,6 +270,7 @@ def main() -> None:
         prompt_len=a.prompt_len,
         new_tokens=a.new_tokens,
         repeats=a.repeats,
+        uncached_repeats=a.uncached_repeats,
         device=a.device,
         progress=tqdm,
     )

@@ -1,0 +1,296 @@
+"""Supervised fine-tuning: one loop whose keyword switches turn each memory/speed technique on.
+
+Follows nanoGPT's `train.py`: autocast + GradScaler mixed precision (Micikevicius et al., 2018), gradient
+accumulation, activation checkpointing (Chen et al., 2016), LoRA (`effllm.lora`), warm-up + cosine
+schedule and clipping. Accumulated micro-batches are normalised by the step's target tokens, so k of them
+give the gradient of one batch holding them all. Every optimizer step leaves one record.
+"""
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm  # plain text bars: executed notebooks keep them as stream output
+
+from effllm import measure
+from effllm.data import IGNORE_INDEX, count_target_tokens
+from effllm.lora import apply_lora, lora_layers, trainable_parameters
+
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16-pure": None}
+CHOICES = {
+    "optimizer": ("sgd", "adamw"),
+    "schedule": ("constant", "cosine"),
+    "accum_normalisation": ("tokens", "mean"),
+}
+
+
+@dataclass
+class TrainResult:
+    records: list[dict] = field(default_factory=list)  # one per optimizer step
+    status: str = "ok"  # ok | diverged | oom | unsupported
+    reason: str = ""
+    steps: int = 0
+    final_loss: float = math.nan
+    final_eval_loss: float = math.nan
+    nan_count: int = 0
+    skipped_steps: int = 0  # fp16 steps the GradScaler skipped (inf/NaN gradients)
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def loss_fn(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy summed over targets in fp32, and the target count (a tensor: no host sync)."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1; labels are not shifted
+    flat = logits[:, :-1].flatten(0, 1).float()  # (B * (T-1), V)
+    total = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward's autocast context for a precision name (a no-op for fp32 and bf16-pure)."""
+    if precision not in AUTOCAST:
+        raise ValueError(f"precision must be one of {', '.join(AUTOCAST)}, got {precision!r}")
+    dtype = AUTOCAST[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def precision_problem(precision: str, device: torch.device) -> str:
+    """Why this precision cannot run on this device ('' when it can), found by a tiny forward + backward."""
+    autocast(device, precision)  # validates the name
+    if precision == "fp32":
+        return ""
+    try:
+        dtype = torch.bfloat16 if precision == "bf16-pure" else AUTOCAST[precision]
+        x = torch.ones(
+            4, 4, device=device, dtype=dtype if precision == "bf16-pure" else None, requires_grad=True
+        )
+        with autocast(device, precision):
+            y = x @ x
+        if y.dtype != dtype:
+            return f"{precision}: autocast on {device.type} gives {y.dtype}, not {dtype}"
+        y.float().sum().backward()
+        if precision == "fp16":
+            torch.amp.GradScaler(device.type)
+    except (RuntimeError, TypeError, AssertionError) as e:
+        return f"{precision} is not supported on {device.type} by torch {torch.__version__}: {e}"
+    return ""
+
+
+def backward_step(
+    model: nn.Module,
+    micro_batches: list[dict],
+    *,
+    precision: str = "fp32",
+    normalisation: str = "tokens",
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict:
+    """Forward + backward of one optimizer step's micro-batches, accumulating into .grad.
+
+    tokens: each micro-batch's summed loss / the step's total targets (exact large-batch gradient);
+    mean: each micro-batch's mean loss / k, the common shortcut that over-weights short micro-batches.
+    """
+    device = next(model.parameters()).device
+    total = sum(count_target_tokens(b) for b in micro_batches)  # counted on the host before any forward
+    summed, times = torch.zeros((), device=device), []
+    for batch in micro_batches:
+        measure.sync(device)
+        t0 = time.perf_counter()
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T) each
+        with autocast(device, precision):
+            logits = model(ids)  # (B, T, V)
+        loss_sum, n = loss_fn(logits, labels)
+        del logits  # only the fp32 log-probs are kept for backward
+        denom = max(total, 1) if normalisation == "tokens" else n.clamp(min=1) * len(micro_batches)
+        loss = loss_sum / denom
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        summed += loss_sum.detach()
+        measure.sync(device)
+        times.append(time.perf_counter() - t0)
+    return {
+        "loss": summed.item() / max(total, 1),  # token-mean over the whole step
+        "tokens": total,
+        "total_tokens": sum(b["input_ids"].numel() for b in micro_batches),  # positions computed, padding too
+        "micro_step_s": statistics.mean(times),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict], *, precision: str = "fp32") -> float:
+    """Token-mean loss over batches in eval mode (the model's mode is restored)."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    summed, n = torch.zeros((), device=device), 0
+    for batch in batches:
+        with autocast(device, precision):
+            logits = model(batch["input_ids"].to(device))
+        loss_sum, count = loss_fn(logits, batch["labels"].to(device))
+        summed, n = summed + loss_sum, n + int(count)
+    model.train(was_training)
+    return summed.item() / max(n, 1)
+
+
+def lr_factor(step: int, *, warmup_steps: int, steps: int, schedule: str) -> float:
+    """Multiplier of the base lr at a 0-based step: linear warm-up, then constant or cosine to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _cycle(batches: Iterable[dict]) -> Iterator[dict]:
+    while True:
+        n = 0
+        for n, batch in enumerate(batches, start=1):  # noqa: B007
+            yield batch
+        if n == 0:
+            raise ValueError(
+                "train_batches yielded nothing: pass a list (a generator is used up after one pass)"
+            )
+
+
+def _optimizer_step(opt, sched, scaler, params: list[Tensor], *, max_grad_norm: float | None) -> dict:
+    """Unscale, clip (or just measure) the gradient norm, step, update the loss scale and the lr."""
+    scaler.unscale_(opt)  # clip and report the true gradient norm, not the scaled one
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_grad_norm is not None:
+        norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    lr = sched.get_last_lr()[0]
+    sched.step()
+    skipped = scale is not None and scaler.get_scale() < scale  # the scaler backs off on inf/NaN grads
+    return {"lr": lr, "grad_norm": float(norm), "loss_scale": scale, "skipped": skipped}
+
+
+def train(
+    model: nn.Module,
+    train_batches: Iterable[dict],
+    *,
+    steps: int,
+    optimizer: str = "sgd",
+    lr: float = 1e-5,
+    weight_decay: float = 0.0,
+    precision: str = "fp32",
+    accum_steps: int = 1,
+    accum_normalisation: str = "tokens",
+    checkpointing: int = 0,
+    lora: dict | None = None,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    max_grad_norm: float | None = None,
+    eval_batches: list[dict] | None = None,
+    eval_every: int = 0,
+    log_every: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    divergence_patience: int = 3,
+) -> TrainResult:
+    """Fine-tune model in place for `steps` optimizer steps of `accum_steps` micro-batches each.
+
+    lora (apply_lora kwargs) is applied unless the model already has adapters; bf16-pure casts the model
+    (adapters too) to bf16. A non-finite loss for more than divergence_patience consecutive steps stops
+    with status "diverged"; fp16 steps the scaler skips with a finite loss are its back-off, not divergence.
+    """
+    given = dict(optimizer=optimizer, schedule=schedule, accum_normalisation=accum_normalisation)
+    for name, value in given.items():
+        if value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    if steps < 1 or accum_steps < 1 or checkpointing < 0:
+        raise ValueError(
+            f"need steps, accum_steps >= 1, checkpointing >= 0: {steps}, {accum_steps}, {checkpointing}"
+        )
+    device = next(model.parameters()).device
+    if reason := precision_problem(precision, device):
+        return TrainResult(status="unsupported", reason=reason)
+    torch.manual_seed(seed)
+    if lora is not None and not lora_layers(model):
+        apply_lora(model, **{"seed": seed, **lora})
+    if precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
+    opt = opt_cls(params, lr=lr, weight_decay=weight_decay)
+    factor = lambda i: lr_factor(i, warmup_steps=warmup_steps, steps=steps, schedule=schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    trainable, total, _ = trainable_parameters(model)
+    result = TrainResult(trainable_params=trainable, total_params=total)
+    restore = model.training, getattr(model, "checkpoint_every", 0)
+    model.train()
+    model.checkpoint_every = checkpointing
+    data, bad = _cycle(train_batches), 0
+    bar = tqdm(range(1, steps + 1), desc="train", disable=not progress)
+    try:
+        for step in bar:
+            measure.sync(device)
+            t0 = time.perf_counter()
+            micro = [next(data) for _ in range(accum_steps)]
+            out = backward_step(
+                model, micro, precision=precision, normalisation=accum_normalisation, scaler=scaler
+            )
+            stepped = _optimizer_step(opt, sched, scaler, params, max_grad_norm=max_grad_norm)
+            measure.sync(device)
+            record = {"step": step, **out, **stepped, "step_s": time.perf_counter() - t0}
+            result.nan_count += not math.isfinite(out["loss"])
+            result.skipped_steps += stepped["skipped"]
+            bad = 0 if math.isfinite(out["loss"]) else bad + 1
+            do_eval = (
+                eval_batches is not None and eval_every > 0 and (step % eval_every == 0 or step == steps)
+            )
+            record["eval_loss"] = evaluate(model, eval_batches, precision=precision) if do_eval else math.nan
+            result.records.append({**record, "nan_count": result.nan_count})
+            if step % log_every == 0:
+                bar.set_postfix(loss=f"{out['loss']:.4f}")
+            if bad > divergence_patience:
+                result.status = "diverged"
+                result.reason = (
+                    f"loss non-finite for {bad} consecutive steps (to step {step}, patience "
+                    f"{divergence_patience}) at lr={stepped['lr']:g}: lower lr or set max_grad_norm"
+                )
+                break
+    except Exception as e:
+        if not measure.is_oom(e):
+            raise
+        result.status = "oom"
+        result.reason = f"out of memory at step {len(result.records) + 1}: {type(e).__name__}: {e}"[:500]
+        opt.zero_grad(set_to_none=True)
+    finally:
+        bar.close()
+        model.train(restore[0])
+        model.checkpoint_every = restore[1]
+    result.steps = len(result.records)
+    if result.records:
+        result.final_loss = result.records[-1]["loss"]
+        evals = [r["eval_loss"] for r in result.records if not math.isnan(r["eval_loss"])]
+        result.final_eval_loss = evals[-1] if evals else math.nan
+    return result
+
+
+def summarise(result: TrainResult, warmup_steps: int = 1) -> dict:
+    """Median step and micro-step times and tokens/s over the records after the first warmup_steps."""
+    kept = [r for r in result.records if r["step"] > warmup_steps]
+    if not kept:
+        nan = math.nan
+        return dict(step_s=nan, micro_step_s=nan, tokens_per_s=nan, total_tokens_per_s=nan, steps_timed=0)
+    step_s = statistics.median(r["step_s"] for r in kept)
+    return {
+        "step_s": step_s,
+        "micro_step_s": statistics.median(r["micro_step_s"] for r in kept),
+        "tokens_per_s": statistics.median(r["tokens"] for r in kept) / step_s,  # target tokens
+        "total_tokens_per_s": statistics.median(r["total_tokens"] for r in kept) / step_s,  # all positions
+        "steps_timed": len(kept),
+        "final_loss": result.final_loss,
+        "status": result.status,
+    }
