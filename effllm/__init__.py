@@ -11,9 +11,9 @@ _API = {
     "kv_cache_bytes": "effllm.model",
     "param_bytes": "effllm.model",
     "generate": "effllm.decoding",
-    "load": "effllm.load",
-    "load_model": "effllm.load",
-    "load_tokenizer": "effllm.load",
+    "load": "effllm.loading",
+    "load_model": "effllm.loading",
+    "load_tokenizer": "effllm.loading",
 }
 __all__ = sorted(_API)
 

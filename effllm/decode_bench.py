@@ -12,7 +12,7 @@ import torch
 
 import effllm
 from effllm import measure
-from effllm.load import resolve_device, to_transformers
+from effllm.loading import resolve_device, to_transformers
 from effllm.model import kv_cache_bytes, param_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

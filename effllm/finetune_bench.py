@@ -16,7 +16,7 @@ from torch import nn
 
 import effllm
 from effllm import measure
-from effllm.load import resolve_device, to_transformers
+from effllm.loading import resolve_device, to_transformers
 from effllm.lora import apply_lora
 from effllm.model import ModelArgs
 from effllm.results import STATUSES, row

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import effllm
-from effllm.load import init_weights
+from effllm.loading import init_weights
 from effllm.model import PRESETS, Llama, with_overrides
 
 LLAMA32_FEATURES = dict(  # Llama 3.2's features (GQA, llama3 rope scaling, tied embeddings), small

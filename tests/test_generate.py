@@ -5,7 +5,7 @@ from torch.testing import assert_close
 import effllm
 from effllm import decoding
 from effllm.decoding import sample
-from effllm.load import to_transformers
+from effllm.loading import to_transformers
 from tests.conftest import ragged_batch
 
 

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from effllm.load import to_transformers
+from effllm.loading import to_transformers
 from effllm.lora import (
     LoRALinear,
     adapter_state_dict,

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from effllm.load import to_transformers
+from effllm.loading import to_transformers
 from effllm.model import PRESETS, ModelArgs, kv_cache_bytes, param_bytes, rope_frequencies
 
 

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 import effllm
-from effllm.load import (
+from effllm.loading import (
     EMBEDDED_SHA256,
     embedded_path,
     hf_config,
