@@ -1,5 +1,6 @@
 """Seaborn figures shared by the notebooks and the summary; each returns a matplotlib Figure."""
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -25,3 +26,14 @@ def bars(
     g.set_axis_labels(x, ylabel or y)
     g.figure.suptitle(title, y=1.03)
     return g.figure
+
+
+def loss_curves(
+    curves: pd.DataFrame, *, hue: str = "config", title: str = "", ylabel: str = "loss (nats)"
+) -> Figure:
+    """Loss against optimizer step, one line per configuration (columns: step, value, hue)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(data=curves, x="step", y="value", hue=hue, marker="o", ax=ax)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    fig.tight_layout()
+    return fig
