@@ -37,3 +37,37 @@ def loss_curves(
     ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     fig.tight_layout()
     return fig
+
+
+LEDGER_TERMS = ("parameters", "gradients", "optimizer_state", "activations", "weight_copies", "logits")
+
+
+def ledger_bars(df: pd.DataFrame, *, title: str = "") -> Figure:
+    """Predicted memory by ledger term (stacked) beside the measured peak, per configuration (MB)."""
+    wide = df.pivot_table(index="config", columns="metric", values="value", sort=False) / 1e6
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
+    x = range(len(wide))
+    bottom = pd.Series(0.0, index=wide.index)
+    for term in LEDGER_TERMS:
+        col = f"predicted_{term}_bytes"
+        if col in wide and wide[col].fillna(0).any():
+            ax.bar(
+                [i - 0.2 for i in x], wide[col].fillna(0), 0.4, bottom=bottom, label=term.replace("_", " ")
+            )
+            bottom += wide[col].fillna(0)
+    if "peak_bytes" in wide:
+        ax.bar([i + 0.2 for i in x], wide["peak_bytes"], 0.4, color="0.35", label="measured peak")
+    ax.set_xticks(list(x), wide.index, rotation=15, ha="right")
+    ax.set(ylabel="MB", title=title or "predicted (stacked) vs measured")
+    ax.legend(fontsize="small", ncols=2)
+    fig.tight_layout()
+    return fig
+
+
+def curve_grid(curves: pd.DataFrame) -> Figure:
+    """Every loss curve of the run: one panel per notebook, one line per configuration."""
+    g = sns.relplot(data=curves, x="step", y="value", hue="config", col="notebook", kind="line", marker="o",
+                    col_wrap=2, height=3.0, aspect=1.4, facet_kws={"sharey": False})  # fmt: skip
+    g.set_axis_labels("optimizer step", "training loss (nats)")
+    g.set_titles("{col_name}")
+    return g.figure

@@ -132,3 +132,11 @@ def _why_missing(path: Path) -> str:
         err = record.get("error") or {}
         return f"notebook {name} failed ({err.get('ename', '?')}: {err.get('evalue', '')})"
     return f"notebook {name} finished with status {record.get('status')!r} but wrote no results"
+
+
+def try_load(name: str, results_dir: str | Path) -> tuple[pd.DataFrame | None, str]:
+    """(results, "") when the notebook's results exist, else (None, why they are missing)."""
+    try:
+        return load(name, results_dir), ""
+    except FileNotFoundError as e:
+        return None, str(e)

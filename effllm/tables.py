@@ -87,3 +87,77 @@ def cache_pays_from(sweep: pd.DataFrame) -> dict[int, int | None]:
     faster = t[t["on"] < t["off"]].reset_index()
     return {int(b): (int(faster[faster.batch == b].new_tokens.min()) if (faster.batch == b).any() else None)
             for b in sorted(t.index.get_level_values("batch").unique())}  # fmt: skip
+
+
+STACK = ["Baseline (FP32)", "+ Mixed precision", "+ Checkpointing", "+ LoRA"]  # 02_lora's "stack" section
+
+
+def finetune_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The reference fine-tuning table (techniques stacked) from 02_lora's rows with section 'stack'."""
+    rows = df[df["section"] == "stack"]
+    ok = rows[rows["status"] == "ok"].pivot_table(
+        index="config", columns="metric", values="value", sort=False
+    )
+    out = pd.DataFrame(index=[c for c in STACK if c in set(rows["config"])])
+    out["peak_memory_mb"] = ok.get("peak_bytes", pd.Series(dtype=float)) / 1e6
+    out["predicted_mb"] = ok.get("predicted_total_bytes", pd.Series(dtype=float)) / 1e6
+    out["runtime_per_step_s"] = ok.get("step_s")
+    out["trainable_pct"] = ok.get("trainable_pct")
+    for _, r in rows[rows["status"] != "ok"].iterrows():
+        out.loc[r["config"], "status"] = f"{r['status']}: {r['reason']}"
+    out.index.name = "technique"
+    return out
+
+
+def step_changes(table: pd.DataFrame, column: str) -> pd.Series:
+    """Each row's value relative to the row above it (how much one more technique changes the column)."""
+    return table[column] / table[column].shift(1)
+
+
+WHY = {
+    "+ Mixed precision": (
+        "half-precision matmuls only run faster on units built for them (GPU tensor cores; on a CPU, "
+        "AVX-512 BF16 or AMX); without them autocast adds casts while keeping fp32 master weights, "
+        "and the peak then grows by the low-precision weight copies"
+    ),
+    "+ Checkpointing": (
+        "re-computing each block's forward in backward costs about one more forward pass; what it "
+        "saves is activations, which are small next to weights and gradients for short sequences"
+    ),
+    "+ LoRA": (
+        "freezing the base removes its gradients (and optimizer state), the largest saving for full "
+        "fine-tuning; the step still runs the full forward and most of the backward"
+    ),
+}
+CACHE_WHY = {
+    True: (
+        "a CPU's few cores are saturated by the prompt recomputed at every step, so the cache saves "
+        "relatively more; a GPU absorbs much of that recomputation in otherwise idle parallel units"
+    ),
+    False: (
+        "the saving grows with batch and length, as the recomputed work does; the model and the "
+        "hardware set its size"
+    ),
+}
+
+
+def disagreements(inference: pd.DataFrame | None, finetune: pd.DataFrame | None, device: str) -> list[str]:
+    """Where this run's effects differ from the reference's, each with its reason (markdown bullets)."""
+    out = []
+    if inference is not None and {1, 16} <= set(inference.index.get_level_values("batch")):
+        ref, ours = REFERENCE_INFERENCE.set_index(["batch", "cache"])["runtime_s"], inference["runtime_s"]
+        for b in (1, 16):
+            r, o = ref[(b, "off")] / ref[(b, "on")], ours[(b, "off")] / ours[(b, "on")]
+            reason = CACHE_WHY[device == "cpu" and o > r]
+            out.append(f"- KV cache at batch {b}: no-cache / cache runtime **{o:.1f}x** here, "
+                       f"{r:.1f}x in the reference: {reason}.")  # fmt: skip
+    if finetune is not None and list(finetune.index) == STACK and finetune["peak_memory_mb"].notna().all():
+        ref = REFERENCE_FINETUNE.set_index("technique")
+        ref.index = STACK
+        t, m = step_changes(finetune, "runtime_per_step_s"), step_changes(finetune, "peak_memory_mb")
+        rt, rm = step_changes(ref, "runtime_per_step_s"), step_changes(ref, "peak_memory_mb")
+        for tech in STACK[1:]:
+            if (t[tech] < 1) != (rt[tech] < 1) or (m[tech] < 1) != (rm[tech] < 1):
+                out.append(f"- {tech}: step time x{t[tech]:.2f} and peak memory x{m[tech]:.2f} here, against "
+                           f"x{rt[tech]:.2f} and x{rm[tech]:.2f} in the reference: {WHY[tech]}.")  # fmt: skip
+    return out
