@@ -20,12 +20,14 @@ ALL = "*"  # key of the overrides that apply to every notebook
 _FINETUNE_SMOKE = dict(train_examples=8, max_len=32, steps=2, lr=1e-5, optimizer="sgd", accum_steps=2)
 _FINETUNE_CPU = dict(train_examples=64, max_len=128, steps=8, lr=1e-5, optimizer="sgd", accum_steps=4)
 _FINETUNE_GPU = dict(train_examples=200, max_len=256, steps=25, lr=1e-5, optimizer="sgd", accum_steps=8)
-_KV_SMOKE = dict(batch_sizes=[1, 2], prompt_len=8, new_tokens=8, repeats=1, sweep_batch_sizes=[1, 2],
-                 sweep_lengths=[4, 8], check_new_tokens=8)  # fmt: skip
-_KV_CPU = dict(batch_sizes=[1, 8, 16], prompt_len=64, new_tokens=64, repeats=3, sweep_batch_sizes=[1, 8],
-               sweep_lengths=[16, 32, 64, 128], check_new_tokens=32)  # fmt: skip
-_KV_GPU = dict(batch_sizes=[1, 8, 16], prompt_len=64, new_tokens=64, repeats=5, sweep_batch_sizes=[1, 8, 16],
-               sweep_lengths=[16, 32, 64, 128, 256], check_new_tokens=64)  # fmt: skip
+_KV_SMOKE = dict(batch_sizes=[1, 2], prompt_len=8, new_tokens=8, repeats=1, uncached_repeats=1,
+                 sweep_batch_sizes=[1, 2], sweep_lengths=[4, 8], check_new_tokens=8)  # fmt: skip
+# cpu: 32 + 32 tokens, since without a cache batch 16 at 64 + 64 takes minutes per run on 2 cores
+_KV_CPU = dict(batch_sizes=[1, 8, 16], prompt_len=32, new_tokens=32, repeats=3, uncached_repeats=1,
+               sweep_batch_sizes=[1, 4], sweep_lengths=[8, 16, 32, 64], check_new_tokens=32)  # fmt: skip
+_KV_GPU = dict(batch_sizes=[1, 8, 16], prompt_len=64, new_tokens=64, repeats=5, uncached_repeats=5,
+               sweep_batch_sizes=[1, 8, 16], sweep_lengths=[16, 32, 64, 128, 256],
+               check_new_tokens=64)  # fmt: skip
 
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {  # seconds: checks that every notebook runs end to end on the toy model
