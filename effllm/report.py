@@ -65,7 +65,9 @@ def run_report(
     record = read_run_json(run_dir)
     paths = discover(notebooks_dir, notebooks)
     if only_failed:
-        paths = [p for p in paths if record["notebooks"].get(p.stem, {}).get("status") != "ok"]
+        again = [p for p in paths if record["notebooks"].get(p.stem, {}).get("status") != "ok"]
+        # the summary reads the others' results, so it is re-run whenever anything else is
+        paths = [p for p in paths if p in again or (again and p.stem.endswith("summary"))]
     declared = {p.stem: set(papermill.inspect_notebook(str(p))) for p in paths}
     for warning in profiles.unused_overrides(overrides, declared):
         _say(f"warning: {warning}")
