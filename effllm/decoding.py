@@ -117,12 +117,19 @@ def generate(
         ids, pos, slots = input_ids, positions, torch.arange(T, device=device)
         for step in range(max_new_tokens):
             if use_cache:
-                logits = model(ids, position_ids=pos, input_pos=slots, key_mask=key_mask if padded else None)
+                logits = model(
+                    ids,
+                    position_ids=pos,
+                    input_pos=slots,
+                    key_mask=key_mask if padded else None,
+                    last_only=True,
+                )
             else:
                 logits = model(
                     tokens,
                     position_ids=positions,
                     key_mask=key_mask[:, : tokens.shape[1]] if padded else None,
+                    last_only=True,
                 )
             nxt = sample(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
             nxt = torch.where(done, pad, nxt)

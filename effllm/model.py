@@ -233,8 +233,9 @@ class Llama(nn.Module):
         position_ids: Tensor | None = None,
         input_pos: Tensor | None = None,
         key_mask: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """Logits (B, T, vocab) for input_ids (B, T).
+        """Logits (B, T, vocab) for input_ids (B, T); (B, 1, vocab) of the last position if last_only.
 
         position_ids (B, T): rotary positions (default 0..T-1); with left padding they start at each
         sequence's first real token. input_pos (T,): the cache slots written (cache mode only).
@@ -261,6 +262,8 @@ class Llama(nn.Module):
                 )
             else:
                 x = layer(x, cos, sin, mask, input_pos)
+        if last_only:  # decoding needs one position: skip a (B, T, vocab) projection
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
     def _attention_mask(
