@@ -258,6 +258,9 @@ def main() -> None:
         "--uncached-repeats", type=int, default=None, help="repeats without the cache (default: --repeats)"
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--caches", nargs="+", choices=["on", "off"], default=["on", "off"], help="cache settings to run"
+    )
     a = p.parse_args()
     import pandas as pd
     from tqdm import tqdm
@@ -271,6 +274,7 @@ def main() -> None:
         new_tokens=a.new_tokens,
         repeats=a.repeats,
         uncached_repeats=a.uncached_repeats,
+        caches=tuple(c == "on" for c in a.caches),
         device=a.device,
         progress=tqdm,
     )

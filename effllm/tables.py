@@ -50,7 +50,7 @@ def inference_table(df: pd.DataFrame) -> pd.DataFrame:
     if len(hf):
         out["transformers_tokens_per_s"] = hf
         out["speedup_vs_transformers"] = out["tokens_per_s"] / hf
-    on = out.xs("on", level="cache")["runtime_s"]
+    on = out[out.index.get_level_values("cache") == "on"]["runtime_s"].droplevel("cache")
     out["delta_runtime_s"] = [r - on.get(b, float("nan")) for (b, _), r in out["runtime_s"].items()]
     failed = df[(df["status"] != "ok") & (df.get("impl", "ours") == "ours")]
     for _, row in failed.iterrows():
