@@ -71,3 +71,28 @@ def curve_grid(curves: pd.DataFrame) -> Figure:
     g.set_axis_labels("optimizer step", "training loss (nats)")
     g.set_titles("{col_name}")
     return g.figure
+
+
+def trainable_share(rows: pd.DataFrame) -> Figure:
+    """LoRA's trainable share of the parameters against the rank, one line per target set (log-log)."""
+    data = rows[(rows["metric"] == "trainable_pct") & (rows["status"] == "ok")]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(data=data, x="r", y="value", hue="targets", marker="o", ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="LoRA rank r", ylabel="trainable parameters (%)")
+    ranks = sorted(data["r"].unique())
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.minorticks_off()
+    fig.tight_layout()
+    return fig
+
+
+def loss_scale(curves: pd.DataFrame, *, title: str = "") -> Figure:
+    """The fp16 loss scale at each optimizer step (log2 axis); a drop marks a step the scaler skipped."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    sns.lineplot(data=curves, x="step", y="value", hue="config", marker="o", drawstyle="steps-post", ax=ax)
+    ax.set_yscale("log", base=2)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set(xlabel="optimizer step", ylabel="loss scale", title=title)
+    fig.tight_layout()
+    return fig
