@@ -98,11 +98,12 @@ def merge(run_dir: Path, record: dict[str, Any]) -> nbformat.NotebookNode:
         _provenance(record, provenance.notebook_meta(run_dir / "results")),
         _status(record),
     ]
-    merged = nbformat.v4.new_notebook(cells=[_raw(h) for h in head] + body)
+    cells = [_raw(h) for h in head] + body
+    for i, cell in enumerate(cells):
+        cell["id"] = f"c{i}"  # cell ids must be unique across the merged notebooks
+    merged = nbformat.v4.new_notebook(cells=cells)
     merged.metadata.update({k: metadata[k] for k in ("kernelspec", "language_info") if k in metadata})
     merged.metadata["title"] = title
-    for i, cell in enumerate(merged.cells):
-        cell["id"] = f"c{i}"  # cell ids must be unique across the merged notebooks
     return merged
 
 
