@@ -4,6 +4,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -35,6 +36,7 @@ def loss_curves(
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     sns.lineplot(data=curves, x="step", y="value", hue=hue, marker="o", ax=ax)
     ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 

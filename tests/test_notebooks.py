@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import papermill
 import pytest
 
 from effllm import report
@@ -22,10 +23,13 @@ def test_notebook_source_is_clean_and_parameterised(path):
     )
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
-    for line in "".join(tagged[0]["source"]).splitlines():
+    lines = "".join(tagged[0]["source"]).splitlines()
+    for line in lines:
         assert re.match(r"^\w+: [\w\[\], |]+ = .+  # .+", line), (
             f"parameter without type hint or comment: {line}"
         )
+    declared = set(papermill.inspect_notebook(str(path)))  # papermill must see every parameter
+    assert declared == {line.split(":")[0] for line in lines}
 
 
 @pytest.fixture(scope="module")
