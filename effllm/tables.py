@@ -35,6 +35,7 @@ def peak_memory_metric(df: pd.DataFrame) -> str:
 def inference_table(df: pd.DataFrame) -> pd.DataFrame:
     """The reference inference table (batch x cache) from 01_kv_cache results, ours beside transformers."""
     idx = ["batch", "cache"]
+    df = df.astype({"batch": int})  # read back from CSV, batch may be float
     ours = dict(impl="ours")
     out = pd.DataFrame(
         {
