@@ -6,6 +6,7 @@ Run as `python -m effllm.decode_bench` for the issue's table (SmolLM2, fp32, CPU
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -73,7 +74,7 @@ def decode_metrics(
     loaded = measure.reset_peak_rss()  # the peak window starts with the weights resident
     run_generate(net, ids, impl=impl, new_tokens=2, use_cache=use_cache)  # warm-up, excluded
     splits: list[dict] = []
-    with peak or _null() as cuda:
+    with peak or contextlib.nullcontext() as cuda:
         timing = measure.time_fn(
             lambda: splits.append(
                 run_generate(net, ids, impl=impl, new_tokens=new_tokens, use_cache=use_cache)
@@ -98,14 +99,6 @@ def decode_metrics(
 
 def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def decode_table(

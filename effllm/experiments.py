@@ -6,6 +6,7 @@ CPU: peak RSS from after the model is loaded) and the memory ledger's prediction
 configuration, so predicted and measured memory can be set side by side.
 """
 
+import contextlib
 from pathlib import Path
 
 import pandas as pd
@@ -65,7 +66,7 @@ def finetune(**overrides) -> dict:
     eval_b = alpaca_batches(tok, cfg, "eval", cfg["eval_examples"])[0] if cfg["eval_examples"] else None
     loaded = measure.reset_peak_rss()
     cuda = measure.cuda_peak(device) if device.type == "cuda" else None
-    with cuda or _Nothing() as peak:
+    with cuda or contextlib.nullcontext() as peak:
         knobs = ("steps", "optimizer", "lr", "precision", "accum_steps", "checkpointing",
                  "accum_normalisation", "eval_every", "seed")  # fmt: skip
         result = train(model, train_b, lora=lora_kwargs(cfg), eval_batches=eval_b, progress=False,
@@ -83,14 +84,6 @@ def finetune(**overrides) -> dict:
     if result.status == "ok":
         out["summary"] = summarise(result, warmup_steps=min(cfg["warmup"], cfg["steps"] - 1))
     return out
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(label: str, **overrides) -> list[dict]:
