@@ -77,9 +77,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {  # the default: SmolLM2-135M on a laptop CPU, whole report in at most ~45 minutes
         "common": {"model": "smollm2-135m-instruct", "device": "cpu", "seed": 0},
         "01_kv_cache": {**_KV_CPU},
-        "02_lora": {**_FINETUNE_CPU, "train_examples": 32, "micro_batch": 1, "accum_steps": 2, "steps": 5},
+        "02_lora": {**_FINETUNE_CPU, "micro_batch": 1, "steps": 6},
         # fp16 has no fast CPU kernels here (a step takes tens of seconds): one micro-batch per step
-        "03_amp": {**_FINETUNE_CPU, "train_examples": 16, "micro_batch": 1, "accum_steps": 1, "steps": 4},
+        "03_amp": {**_FINETUNE_CPU, "train_examples": 16, "micro_batch": 1, "accum_steps": 1, "steps": 6},
         "04_checkpointing": {
             **_FINETUNE_CPU,
             "train_examples": 8,
