@@ -66,6 +66,7 @@ def beside_reference(ours: pd.DataFrame, reference: pd.DataFrame, on: list[str])
 
 def memory_table(df: pd.DataFrame) -> pd.DataFrame:
     """Measured peak memory per configuration, split by the analytic ledger (MB)."""
+    df = df.astype({"batch": int})  # read back from CSV, batch may be float
     m = df[(df["impl"] == "ours") & (df["status"] == "ok")].pivot_table(
         index=["batch", "cache"], columns="metric", values="value"
     )

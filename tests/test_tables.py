@@ -86,3 +86,15 @@ def test_disagreements_explain_a_larger_cache_saving_on_a_cpu():
     notes = tables.disagreements(inference, None, device="cpu")
     assert len(notes) == 2
     assert "batch 16" in notes[1] and "**20.0x**" in notes[1] and tables.CACHE_WHY[True] in notes[1]
+
+
+def test_memory_table_splits_the_peak_by_the_ledger_with_integer_batches():
+    rows = decode_rows({(1, "on"): 1.0, (8, "on"): 2.0})
+    for batch in (1, 8):
+        p = dict(impl="ours", batch=float(batch), cache="on")  # as read back from a CSV with gaps
+        rows += [row("weights_bytes", 5e8, "bytes", **p), row("baseline_rss_bytes", 8e8, "bytes", **p)]
+    table = tables.memory_table(pd.DataFrame(rows))
+    assert list(table.index) == [(1, "on"), (8, "on")]
+    at8 = table.loc[(8, "on")]
+    assert at8["Python, torch, libraries"] == 300 and at8["KV cache (formula)"] == 8
+    assert at8["activations and buffers"] == 1008 - 800 - 8
