@@ -1,0 +1,49 @@
+"""Print a report run's headline tables as markdown, for the README: `python scripts/readme_tables.py reports/cpu`.
+
+The numbers come from the run's tidy results and run.json, never typed by hand.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from effllm import provenance, tables
+
+
+def markdown(df: pd.DataFrame, formats: dict[str, str]) -> str:
+    """A pipe table of the index and the formatted columns (missing values shown as an em dash)."""
+    index = list(df.index.names)
+    df = df.reset_index()
+    cols = [*index, *formats]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = [str(r[c]) for c in index]
+        cells += ["—" if pd.isna(r[c]) else format(r[c], f) for c, f in formats.items()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(run: Path) -> None:
+    record = json.loads((run / "run.json").read_text())
+    cpu = dict(provenance.describe(record["provenance"]))["CPU"]
+    walls = ", ".join(f"{stem} {nb['wall_s'] / 60:.1f} min" for stem, nb in record["notebooks"].items())
+    total = sum(nb["wall_s"] for nb in record["notebooks"].values()) / 60
+    print(f"Run `{record['run']}` (profile `{record['profile']}`), {record['provenance']['date_utc']}, {cpu}.")
+    print(f"Wall time {total:.1f} min: {walls}.\n")
+
+    decode = pd.read_csv(run / "results" / "01_kv_cache.csv")
+    inference = tables.inference_table(decode[decode["section"] == "table"])
+    print(markdown(inference, {"peak_memory_gb": ".2f", "runtime_s": ".2f", "delta_runtime_s": ".2f",
+                               "tokens_per_s": ".1f", "transformers_tokens_per_s": ".1f",
+                               "speedup_vs_transformers": ".2f", "kv_cache_mb": ".1f"}))  # fmt: skip
+    print()
+    finetune = tables.finetune_table(pd.read_csv(run / "results" / "02_lora.csv"))
+    print(markdown(finetune, {"peak_memory_mb": ",.0f", "predicted_mb": ",.0f", "runtime_per_step_s": ".2f",
+                              "trainable_pct": ".2f"}))  # fmt: skip
+    print("\n" + "\n".join(tables.technique_changes(finetune)))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "reports/cpu"))
