@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from effllm import measure
 from effllm.data import count_target_tokens
 from effllm.lora import lora_layers
-from effllm.train import backward_step
+from effllm.step import backward_step
 
 SETTING = dict(split=1, normalisation="tokens", checkpointing=0)  # one batch, exact loss, no recompute
 UNITS = {"max_abs_error": "grad", "relative_error": "ratio", "max_abs_grad": "grad"}

@@ -15,8 +15,9 @@ from torch import nn
 import effllm
 from effllm import data, experiments, measure, memory, tables
 from effllm.decoding import generate
-from effllm.lora import apply_lora, load_adapter, save_adapter, trainable_parameters
+from effllm.lora import apply_lora, trainable_parameters
 from effllm.model import Llama, ModelArgs
+from effllm.peft_io import load_adapter, save_adapter
 from effllm.results import row
 
 
@@ -180,7 +181,7 @@ def matmul_rows(device: str, n: int) -> list[dict]:
 
 def lost_updates(model: nn.Module, batch: dict, *, lr: float) -> float:
     """Share of weight elements whose SGD update w - lr * g rounds back to w in bf16 (one fp32 gradient)."""
-    from effllm.train import loss_fn
+    from effllm.step import loss_fn
 
     device = next(model.parameters()).device
     model.train()

@@ -6,6 +6,7 @@ ceilings (read bandwidth, matmul rate) are measured here too, for roofline fract
 """
 
 import contextlib
+import ctypes
 import gc
 import importlib
 import json
@@ -68,9 +69,23 @@ def peak_rss_bytes() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc `malloc_trim`), so the resident set counts live memory.
+
+    Without it, memory freed while loading (e.g. a model copy converted and dropped) stays resident and is
+    silently reused later, hiding that much of the next phase's growth.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def reset_peak_rss() -> int:
-    """Start a new peak-RSS window (Linux clear_refs 5) so loading is not counted; returns the RSS now."""
+    """Start a new peak-RSS window (Linux clear_refs 5) so loading is not counted; returns the RSS now.
+
+    Freed heap pages are handed back first, so the window's growth is measured from live memory.
+    """
     gc.collect()
+    trim_heap()
     with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from effllm.lora import apply_lora, lora_layers
 from effllm.model import Llama, ModelArgs
-from effllm.train import autocast, loss_fn
+from effllm.precision import autocast
+from effllm.step import loss_fn
 
 GiB = 2**30
 # total sums them all: the peak once .grad is held across micro-batches (with accum_steps = 1 gradients

@@ -2,11 +2,10 @@
 
 Follows nanoGPT's `train.py`: autocast + GradScaler mixed precision (Micikevicius et al., 2018), gradient
 accumulation, activation checkpointing (Chen et al., 2016), LoRA (`effllm.lora`), warm-up + cosine
-schedule and clipping. Accumulated micro-batches are normalised by the step's target tokens, so k of them
-give the gradient of one batch holding them all. Every optimizer step leaves one record.
+schedule and clipping. One step's forward and backward live in `effllm.step`, precision names in
+`effllm.precision`. Every optimizer step leaves one record.
 """
 
-import contextlib
 import math
 import statistics
 import time
@@ -14,15 +13,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: executed notebooks keep them as stream output
 
 from effllm import measure
-from effllm.data import IGNORE_INDEX, count_target_tokens
 from effllm.lora import apply_lora, lora_layers, trainable_parameters
+from effllm.precision import precision_problem
+from effllm.step import backward_step, evaluate
 
-AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16-pure": None}
 CHOICES = {
     "optimizer": ("sgd", "adamw"),
     "schedule": ("constant", "cosine"),
@@ -42,97 +40,6 @@ class TrainResult:
     skipped_steps: int = 0  # fp16 steps the GradScaler skipped (inf/NaN gradients)
     trainable_params: int = 0
     total_params: int = 0
-
-
-def loss_fn(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token cross-entropy summed over targets in fp32, and the target count (a tensor: no host sync)."""
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1; labels are not shifted
-    flat = logits[:, :-1].flatten(0, 1).float()  # (B * (T-1), V)
-    total = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (targets != IGNORE_INDEX).sum()
-
-
-def autocast(device: torch.device, precision: str):
-    """The forward's autocast context for a precision name (a no-op for fp32 and bf16-pure)."""
-    if precision not in AUTOCAST:
-        raise ValueError(f"precision must be one of {', '.join(AUTOCAST)}, got {precision!r}")
-    dtype = AUTOCAST[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def precision_problem(precision: str, device: torch.device) -> str:
-    """Why this precision cannot run on this device ('' when it can), found by a tiny forward + backward."""
-    autocast(device, precision)  # validates the name
-    if precision == "fp32":
-        return ""
-    try:
-        dtype = torch.bfloat16 if precision == "bf16-pure" else AUTOCAST[precision]
-        x = torch.ones(
-            4, 4, device=device, dtype=dtype if precision == "bf16-pure" else None, requires_grad=True
-        )
-        with autocast(device, precision):
-            y = x @ x
-        if y.dtype != dtype:
-            return f"{precision}: autocast on {device.type} gives {y.dtype}, not {dtype}"
-        y.float().sum().backward()
-        if precision == "fp16":
-            torch.amp.GradScaler(device.type)
-    except (RuntimeError, TypeError, AssertionError) as e:
-        return f"{precision} is not supported on {device.type} by torch {torch.__version__}: {e}"
-    return ""
-
-
-def backward_step(
-    model: nn.Module,
-    micro_batches: list[dict],
-    *,
-    precision: str = "fp32",
-    normalisation: str = "tokens",
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict:
-    """Forward + backward of one optimizer step's micro-batches, accumulating into .grad.
-
-    tokens: each micro-batch's summed loss / the step's total targets (exact large-batch gradient);
-    mean: each micro-batch's mean loss / k, the common shortcut that over-weights short micro-batches.
-    """
-    device = next(model.parameters()).device
-    total = sum(count_target_tokens(b) for b in micro_batches)  # counted on the host before any forward
-    summed, times = torch.zeros((), device=device), []
-    for batch in micro_batches:
-        measure.sync(device)
-        t0 = time.perf_counter()
-        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T) each
-        with autocast(device, precision):
-            logits = model(ids)  # (B, T, V)
-        loss_sum, n = loss_fn(logits, labels)
-        del logits  # only the fp32 log-probs are kept for backward
-        denom = max(total, 1) if normalisation == "tokens" else n.clamp(min=1) * len(micro_batches)
-        loss = loss_sum / denom
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        summed += loss_sum.detach()
-        measure.sync(device)
-        times.append(time.perf_counter() - t0)
-    return {
-        "loss": summed.item() / max(total, 1),  # token-mean over the whole step
-        "tokens": total,
-        "total_tokens": sum(b["input_ids"].numel() for b in micro_batches),  # positions computed, padding too
-        "micro_step_s": statistics.mean(times),
-    }
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict], *, precision: str = "fp32") -> float:
-    """Token-mean loss over batches in eval mode (the model's mode is restored)."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    summed, n = torch.zeros((), device=device), 0
-    for batch in batches:
-        with autocast(device, precision):
-            logits = model(batch["input_ids"].to(device))
-        loss_sum, count = loss_fn(logits, batch["labels"].to(device))
-        summed, n = summed + loss_sum, n + int(count)
-    model.train(was_training)
-    return summed.item() / max(n, 1)
 
 
 def lr_factor(step: int, *, warmup_steps: int, steps: int, schedule: str) -> float:

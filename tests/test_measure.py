@@ -1,4 +1,6 @@
+import ctypes
 import math
+import sys
 
 import pytest
 import torch
@@ -33,6 +35,25 @@ def test_isolated_process_reports_its_own_peak_memory():
     assert small["status"] == "ok" and big["status"] == "ok"
     grown = big["peak_rss_bytes"] - small["peak_rss_bytes"]
     assert 150 * 2**20 < grown < 260 * 2**20  # 192 MiB more, not the sum of both runs
+
+
+def freed_then_reset() -> dict:
+    """Free 200 MiB kept resident by glibc's heap (as after converting a model), then start a peak window."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: these tensors go on the heap, not in their own mmap
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free() keeps the pages, as a fragmented heap would
+    rss = lambda: measure._status_bytes("VmRSS")  # noqa: E731
+    before = rss()
+    weights = [torch.ones(576, 1536) for _ in range(60)]  # 3.4 MiB each, like SmolLM2's projections
+    del weights
+    return {"freed_resident_bytes": rss() - before, "after_reset_bytes": measure.reset_peak_rss() - before}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_peak_window_starts_from_live_memory_not_freed_heap():
+    res = measure.isolated("tests.test_measure:freed_then_reset", {})
+    assert res["freed_resident_bytes"] > 150 * 2**20  # the situation: freed memory still counted
+    assert res["after_reset_bytes"] < 30 * 2**20  # the window starts from live memory
 
 
 def test_out_of_memory_becomes_a_result_not_a_crash():

@@ -4,7 +4,7 @@ import torch
 from effllm.lora import apply_lora
 from effllm.memory import GiB, fits, ledger, predict, saved_activation_bytes, saved_bytes
 from effllm.model import PRESETS, param_bytes
-from effllm.train import backward_step
+from effllm.step import backward_step
 
 LORA = dict(r=4, alpha=8, dropout=0.05)
 

@@ -6,10 +6,13 @@ import torch
 from torch.testing import assert_close
 
 import effllm
+from effllm import step as step_mod
 from effllm import train as train_mod
 from effllm.data import collate, count_target_tokens, load_examples, tokenize
 from effllm.lora import apply_lora, lora_layers
-from effllm.train import backward_step, evaluate, lr_factor, precision_problem, summarise, train
+from effllm.precision import precision_problem
+from effllm.step import backward_step, evaluate
+from effllm.train import lr_factor, summarise, train
 
 CPU = torch.device("cpu")
 
@@ -193,7 +196,7 @@ def test_a_huge_learning_rate_diverges(tiny, items, pad_id):
 
 
 def test_out_of_memory_becomes_status_oom(tiny, items, pad_id, monkeypatch):
-    calls, real = [], train_mod.loss_fn
+    calls, real = [], step_mod.loss_fn
 
     def loss_fn(logits, labels):
         calls.append(1)
@@ -201,7 +204,7 @@ def test_out_of_memory_becomes_status_oom(tiny, items, pad_id, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(logits, labels)
 
-    monkeypatch.setattr(train_mod, "loss_fn", loss_fn)
+    monkeypatch.setattr(step_mod, "loss_fn", loss_fn)
     result = train(tiny, [collate(items[:2], pad_id=pad_id)], steps=5, progress=False)
     assert result.status == "oom" and "out of memory at step 3" in result.reason
     assert result.steps == 2 and all(p.grad is None for p in tiny.parameters())

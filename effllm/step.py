@@ -1,0 +1,78 @@
+"""One optimizer step's forward and backward: the loss, token-normalised gradient accumulation, evaluation.
+
+Accumulated micro-batches are normalised by the step's target tokens, so k of them give the gradient of one
+batch holding them all (the naive per-micro-batch mean over-weights short micro-batches).
+"""
+
+import statistics
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effllm import measure
+from effllm.data import IGNORE_INDEX, count_target_tokens
+from effllm.precision import autocast
+
+
+def loss_fn(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy summed over targets in fp32, and the target count (a tensor: no host sync)."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1; labels are not shifted
+    flat = logits[:, :-1].flatten(0, 1).float()  # (B * (T-1), V)
+    total = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def backward_step(
+    model: nn.Module,
+    micro_batches: list[dict],
+    *,
+    precision: str = "fp32",
+    normalisation: str = "tokens",
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict:
+    """Forward + backward of one optimizer step's micro-batches, accumulating into .grad.
+
+    tokens: each micro-batch's summed loss / the step's total targets (exact large-batch gradient);
+    mean: each micro-batch's mean loss / k, the common shortcut that over-weights short micro-batches.
+    """
+    device = next(model.parameters()).device
+    total = sum(count_target_tokens(b) for b in micro_batches)  # counted on the host before any forward
+    summed, times = torch.zeros((), device=device), []
+    for batch in micro_batches:
+        measure.sync(device)
+        t0 = time.perf_counter()
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T) each
+        with autocast(device, precision):
+            logits = model(ids)  # (B, T, V)
+        loss_sum, n = loss_fn(logits, labels)
+        del logits  # only the fp32 log-probs are kept for backward
+        denom = max(total, 1) if normalisation == "tokens" else n.clamp(min=1) * len(micro_batches)
+        loss = loss_sum / denom
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        summed += loss_sum.detach()
+        measure.sync(device)
+        times.append(time.perf_counter() - t0)
+    return {
+        "loss": summed.item() / max(total, 1),  # token-mean over the whole step
+        "tokens": total,
+        "total_tokens": sum(b["input_ids"].numel() for b in micro_batches),  # positions computed, padding too
+        "micro_step_s": statistics.mean(times),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict], *, precision: str = "fp32") -> float:
+    """Token-mean loss over batches in eval mode (the model's mode is restored)."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    summed, n = torch.zeros((), device=device), 0
+    for batch in batches:
+        with autocast(device, precision):
+            logits = model(batch["input_ids"].to(device))
+        loss_sum, count = loss_fn(logits, batch["labels"].to(device))
+        summed, n = summed + loss_sum, n + int(count)
+    model.train(was_training)
+    return summed.item() / max(n, 1)
