@@ -1,6 +1,7 @@
-"""Print a report run's headline tables as markdown, for the README: `python scripts/readme_tables.py reports/cpu`.
+"""Print a report run's headline tables as markdown, for the README.
 
-The numbers come from the run's tidy results and run.json, never typed by hand.
+Usage: `python scripts/readme_tables.py reports/cpu`. The numbers come from the run's tidy results and
+run.json, never typed by hand.
 """
 
 import json
@@ -30,7 +31,8 @@ def main(run: Path) -> None:
     cpu = dict(provenance.describe(record["provenance"]))["CPU"]
     walls = ", ".join(f"{stem} {nb['wall_s'] / 60:.1f} min" for stem, nb in record["notebooks"].items())
     total = sum(nb["wall_s"] for nb in record["notebooks"].values()) / 60
-    print(f"Run `{record['run']}` (profile `{record['profile']}`), {record['provenance']['date_utc']}, {cpu}.")
+    date = record["provenance"]["date_utc"]
+    print(f"Run `{record['run']}` (profile `{record['profile']}`), {date}, {cpu}.")
     print(f"Wall time {total:.1f} min: {walls}.\n")
 
     decode = pd.read_csv(run / "results" / "01_kv_cache.csv")
