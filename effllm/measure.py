@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def sync(device: torch.device | str) -> None:
@@ -133,6 +134,34 @@ def read_bandwidth(*, size_mb: int = 512, repeats: int = 5, device: str = "cpu")
     x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32, device=device)
     best = min(time_fn(lambda: x.sum(), device=device, repeats=repeats)["times"])
     return x.numel() * 4 / best
+
+
+def linear_read_bandwidth(
+    *,
+    in_features: int = 576,
+    out_features: int = 1536,
+    total_mb: int = 256,
+    threads: int | None = None,
+    repeats: int = 3,
+    device: str = "cpu",
+) -> float:
+    """Bytes/s at which batch-1 linear layers (x @ W^T, x of one row) read their weights, as in decoding.
+
+    The layers together exceed the caches, so every weight comes from memory; on CPU `threads` sets
+    torch's intra-op threads for the measurement (restored after).
+    """
+    n = max(1, total_mb * 2**20 // (4 * in_features * out_features))
+    weights = [torch.randn(out_features, in_features, device=device) for _ in range(n)]
+    x = torch.randn(1, in_features, device=device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        best = min(
+            time_fn(lambda: [F.linear(x, w) for w in weights], device=device, repeats=repeats)["times"]
+        )
+    finally:
+        torch.set_num_threads(before)
+    return n * out_features * in_features * 4 / best
 
 
 def matmul_rate(

@@ -69,6 +69,13 @@ def test_other_failures_keep_their_reason():
 def test_machine_ceilings_are_positive_and_plausible():
     assert 1e8 < measure.read_bandwidth(size_mb=64, repeats=2) < 1e13
     assert 1e8 < measure.matmul_rate(n=256, repeats=2) < 1e16
+    assert 1e8 < measure.linear_read_bandwidth(total_mb=16, threads=1, repeats=2) < 1e13
+
+
+def test_linear_read_bandwidth_restores_the_thread_count():
+    before = torch.get_num_threads()
+    measure.linear_read_bandwidth(in_features=64, out_features=64, total_mb=1, threads=1, repeats=1)
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
