@@ -274,15 +274,14 @@ def main() -> None:
     table = inference_table(pd.DataFrame(rows))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(3))
-    bw, weights = (
-        measure.read_bandwidth(),
-        pd.DataFrame(rows).query("metric == 'weights_bytes'").value.iloc[0],
-    )
+    weights = pd.DataFrame(rows).query("metric == 'weights_bytes'").value.iloc[0]
     b1 = table.loc[(min(a.batch_sizes), "on"), "tokens_per_s"]
-    print(
-        f"read bandwidth {bw / 1e9:.1f} GB/s, batch-{min(a.batch_sizes)} limit {bw / weights:.1f} tokens/s; "
-        f"ours {b1:.1f} tokens/s = {b1 * weights / bw:.0%} of the limit"
-    )
+    for name, bw in [("read bandwidth", measure.read_bandwidth()),
+                     ("batch-1 linear layers read at", measure.linear_read_bandwidth())]:  # fmt: skip
+        print(
+            f"{name} {bw / 1e9:.1f} GB/s: batch-{min(a.batch_sizes)} limit {bw / weights:.1f} tokens/s; "
+            f"ours {b1:.1f} tokens/s = {b1 * weights / bw:.0%} of it"
+        )
 
 
 if __name__ == "__main__":
