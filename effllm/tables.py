@@ -120,7 +120,8 @@ def step_changes(table: pd.DataFrame, column: str) -> pd.Series:
 WHY = {
     "+ Mixed precision": {
         "step time": "half-precision matmuls only run faster on units built for them (GPU tensor cores; on a "
-        "CPU, AVX-512 BF16 or AMX); without them autocast only adds casts",
+        "CPU, AVX-512 BF16 or AMX) and only pay when they dominate the step; otherwise autocast only adds "
+        "casts",
         "peak memory": "autocast keeps fp32 weights, gradients and optimizer state and adds half-precision "
         "copies of the weights, saving only on activations, a small share for a small model at short "
         "sequences (the reference's 7.8 GB is below the 9.9 GB of fp32 weights and gradients of a 1B "

@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -60,3 +62,12 @@ def test_html_report_holds_the_tables_and_embedded_figures(smoke_run):
     html = (smoke_run[1] / "report.html").read_text()
     assert "<table" in html and "data:image/png;base64" in html
     assert "KV caching" in html and "reference" in html
+
+
+def test_readme_tables_are_printed_from_a_run(smoke_run):
+    script = Path(__file__).parents[1] / "scripts" / "readme_tables.py"
+    proc = subprocess.run([sys.executable, str(script), str(smoke_run[1])], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| batch | cache | peak_memory_gb |" in proc.stdout
+    assert "| Baseline (FP32) |" in proc.stdout and "| + LoRA |" in proc.stdout
+    assert "Wall time" in proc.stdout and "logical cores" in proc.stdout
