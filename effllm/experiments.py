@@ -2,8 +2,9 @@
 
 A run returns, as tidy rows: the per-step loss curve, time per optimizer step and micro-step (warm-up
 excluded), tokens/s, the training phase's own peak memory (CUDA: allocated and reserved after a reset;
-CPU: peak RSS from after the model is loaded) and the memory ledger's prediction for the same
-configuration, so predicted and measured memory can be set side by side.
+CPU: peak RSS from after the model is loaded, and the peak of live tensors in one more, profiled step)
+and the memory ledger's prediction for the same configuration, so predicted and measured memory can be
+set side by side.
 """
 
 import contextlib
@@ -72,13 +73,18 @@ def finetune(**overrides) -> dict:
         result = train(model, train_b, lora=lora_kwargs(cfg), eval_batches=eval_b, progress=False,
                        **{k: cfg[k] for k in knobs})  # fmt: skip
     trained_peak = measure.peak_rss_bytes()  # before the ledger's own forward below
+    live = None
+    if device.type == "cpu" and result.status == "ok":  # one more step, profiled: the tensors' own peak
+        again = lambda: train(model, train_b, steps=1, progress=False,  # noqa: E731
+                              **{k: cfg[k] for k in knobs if k != "steps"})  # fmt: skip
+        live = effllm.param_bytes(model) + measure.peak_live_tensor_bytes(again)
     # the ledger runs a real forward: after training, so that its memory is not counted as the runtime's
     widest = max(train_b, key=lambda b: b["input_ids"].numel())
     predicted = ledger(model, optimizer=cfg["optimizer"], precision=cfg["precision"], lora=lora_kwargs(cfg),
                        batch=widest, checkpointing=cfg["checkpointing"])  # fmt: skip
     out = {"status": result.status, "reason": result.reason, "records": result.records,
            "ledger": {k: predicted[k] for k in (*TERMS, "total")}, "loaded_rss_bytes": loaded,
-           "train_peak_rss_bytes": trained_peak,
+           "train_peak_rss_bytes": trained_peak, "live_tensor_bytes": live,
            "truncated_examples": truncated, "trainable_params": result.trainable_params,
            "total_params": result.total_params, **(peak or {})}  # fmt: skip
     if result.status == "ok":
@@ -133,6 +139,8 @@ def _metrics(res: dict):
         runtime = res["loaded_rss_bytes"] - res["ledger"]["parameters"]
         yield "peak_bytes", res["train_peak_rss_bytes"] - runtime, "B"
         yield "peak_rss_bytes", res["train_peak_rss_bytes"], "B"
+        if res.get("live_tensor_bytes") is not None:  # parameters + the peak of a profiled extra step
+            yield "peak_live_bytes", res["live_tensor_bytes"], "B"
 
 
 def curves(rows, metric: str = "loss") -> pd.DataFrame:

@@ -61,7 +61,8 @@ def config_table(df: pd.DataFrame) -> pd.DataFrame:
     """One line per configuration, in run order: peak memory measured and predicted, step time, loss."""
     ok = df[df["status"] == "ok"].pivot_table(index="config", columns="metric", values="value", sort=False)
     out = pd.DataFrame(index=pd.Index(df["config"].unique(), name="config"))
-    names = {"peak_bytes": "peak_memory_mb", "predicted_total_bytes": "predicted_memory_mb",
+    names = {"peak_bytes": "peak_memory_mb", "peak_live_bytes": "live_tensors_mb",
+             "predicted_total_bytes": "predicted_memory_mb",
              "step_s": "runtime_per_step_s", "trainable_pct": "trainable_pct", "final_loss": "final_loss",
              "skipped_steps": "skipped_steps"}  # fmt: skip
     for metric, name in names.items():

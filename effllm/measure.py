@@ -93,6 +93,25 @@ def reset_peak_rss() -> int:
     return _status_bytes("VmRSS") or 0
 
 
+def peak_live_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensors alive during fn() beyond those alive when it starts (profiler events).
+
+    The counterpart on CPU of CUDA's max_memory_allocated: what the tensors need, without the allocator's
+    slack (freed memory glibc keeps for reuse), which the resident set includes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if e.device_type().name == "CPU":  # allocations positive, frees negative
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
 

@@ -59,6 +59,9 @@ def ledger_bars(df: pd.DataFrame, *, title: str = "") -> Figure:
             bottom += wide[col].fillna(0)
     if "peak_bytes" in wide:
         ax.bar([i + 0.2 for i in x], wide["peak_bytes"], 0.4, color="0.35", label="measured peak")
+    if "peak_live_bytes" in wide:  # CPU: the tensors' own peak, inside the resident set's
+        ax.bar([i + 0.2 for i in x], wide["peak_live_bytes"], 0.4, fill=False, hatch="//",
+               edgecolor="0.1", label="live tensors at peak")  # fmt: skip
     ax.set_xticks(list(x), wide.index, rotation=15, ha="right")
     ax.set(ylabel="MB", title=title or "predicted (stacked) vs measured")
     ax.legend(fontsize="small", ncols=2)

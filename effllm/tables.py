@@ -103,6 +103,8 @@ def finetune_table(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=[c for c in STACK if c in set(rows["config"])])
     out["peak_memory_mb"] = ok.get("peak_bytes", pd.Series(dtype=float)) / 1e6
     out["predicted_mb"] = ok.get("predicted_total_bytes", pd.Series(dtype=float)) / 1e6
+    if "peak_live_bytes" in ok:  # CPU: the tensors' own peak, without the allocator's slack
+        out["live_tensors_mb"] = ok["peak_live_bytes"] / 1e6
     out["runtime_per_step_s"] = ok.get("step_s")
     out["trainable_pct"] = ok.get("trainable_pct")
     for _, r in rows[rows["status"] != "ok"].iterrows():

@@ -72,6 +72,17 @@ def test_machine_ceilings_are_positive_and_plausible():
     assert 1e8 < measure.linear_read_bandwidth(total_mb=16, threads=1, repeats=2) < 1e13
 
 
+def two_buffers_then_one() -> None:
+    a, b = torch.ones(2**20), torch.ones(2**20)  # 4 MiB each, alive together
+    del a, b
+    torch.ones(2**20)
+
+
+def test_live_tensor_peak_counts_what_is_alive_together_not_what_was_ever_allocated():
+    kept = torch.ones(2**20)  # alive before the measurement: not counted  # noqa: F841
+    assert measure.peak_live_tensor_bytes(two_buffers_then_one) == 2 * 2**22
+
+
 def test_linear_read_bandwidth_restores_the_thread_count():
     before = torch.get_num_threads()
     measure.linear_read_bandwidth(in_features=64, out_features=64, total_mb=1, threads=1, repeats=1)
