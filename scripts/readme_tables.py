@@ -42,8 +42,9 @@ def main(run: Path) -> None:
                                "speedup_vs_transformers": ".2f", "kv_cache_mb": ".1f"}))  # fmt: skip
     print()
     finetune = tables.finetune_table(pd.read_csv(run / "results" / "02_lora.csv"))
-    print(markdown(finetune, {"peak_memory_mb": ",.0f", "predicted_mb": ",.0f", "runtime_per_step_s": ".2f",
-                              "trainable_pct": ".2f"}))  # fmt: skip
+    columns = {"peak_memory_mb": ",.0f", "live_tensors_mb": ",.0f", "predicted_mb": ",.0f",
+               "runtime_per_step_s": ".2f", "trainable_pct": ".2f"}  # fmt: skip
+    print(markdown(finetune, {k: f for k, f in columns.items() if k in finetune}))
     print("\n" + "\n".join(tables.technique_changes(finetune)))
 
 
