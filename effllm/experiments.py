@@ -75,9 +75,9 @@ def finetune(**overrides) -> dict:
     trained_peak = measure.peak_rss_bytes()  # before the ledger's own forward below
     live = None
     if device.type == "cpu" and result.status == "ok":  # one more step, profiled: the tensors' own peak
-        again = lambda: train(model, train_b, steps=1, progress=False,  # noqa: E731
-                              **{k: cfg[k] for k in knobs if k != "steps"})  # fmt: skip
-        live = effllm.param_bytes(model) + measure.peak_live_tensor_bytes(again)
+        one_step = {k: cfg[k] for k in knobs if k != "steps"}
+        step = lambda: train(model, train_b, steps=1, progress=False, **one_step)  # noqa: E731
+        live = effllm.param_bytes(model) + measure.peak_live_tensor_bytes(step)
     # the ledger runs a real forward: after training, so that its memory is not counted as the runtime's
     widest = max(train_b, key=lambda b: b["input_ids"].numel())
     predicted = ledger(model, optimizer=cfg["optimizer"], precision=cfg["precision"], lora=lora_kwargs(cfg),

@@ -1,7 +1,10 @@
+import warnings
+
 import pytest
 import torch
 
 import effllm
+from effllm.data import load_examples, tokenize
 from effllm.loading import init_weights
 from effllm.model import PRESETS, Llama, with_overrides
 
@@ -42,6 +45,21 @@ def llama32_like() -> Llama:
 def smollm2():
     """The embedded SmolLM2-135M-Instruct (real weights) and its tokenizer, loaded once."""
     return effllm.load("smollm2-135m-instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pad_id() -> int:
+    return effllm.load_tokenizer("tiny").pad_token_id
+
+
+@pytest.fixture(scope="session")
+def items() -> list[dict]:
+    """The four shortest real Alpaca examples (178..192 byte tokens), with 6, 8, 22 and 14 targets."""
+    tok = effllm.load_tokenizer("tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a few long prompts are dropped at max_len=512
+        all_items, _ = tokenize(load_examples("data/alpaca_subset.json"), tok, max_len=512)
+    return sorted(all_items, key=lambda item: len(item["input_ids"]))[:4]
 
 
 def ragged_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,22 +1,15 @@
-import warnings
-
 import pytest
 import torch
 
-import effllm
 from effllm import equivalence
-from effllm.data import collate, load_examples, tokenize
+from effllm.data import collate
 from effllm.lora import apply_lora
 
 
 @pytest.fixture(scope="module")
-def batch():
-    """The four shortest real Alpaca examples (byte tokens): unequal lengths and target counts."""
-    tok = effllm.load_tokenizer("tiny")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a few long prompts are dropped at max_len=512
-        items, _ = tokenize(load_examples("data/alpaca_subset.json"), tok, max_len=512)
-    return collate(sorted(items, key=lambda item: len(item["input_ids"]))[:4], pad_id=tok.pad_token_id)
+def batch(items, pad_id):
+    """The four shortest real Alpaca examples as one batch: unequal lengths and target counts."""
+    return collate(items, pad_id=pad_id)
 
 
 def test_split_pads_each_micro_batch_only_to_its_own_longest_row(batch):

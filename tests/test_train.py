@@ -1,5 +1,4 @@
 import math
-import warnings
 
 import pytest
 import torch
@@ -8,28 +7,13 @@ from torch.testing import assert_close
 import effllm
 from effllm import step as step_mod
 from effllm import train as train_mod
-from effllm.data import collate, count_target_tokens, load_examples, tokenize
+from effllm.data import collate, count_target_tokens
 from effllm.lora import apply_lora, lora_layers
 from effllm.precision import precision_problem
 from effllm.step import backward_step, evaluate
 from effllm.train import lr_factor, summarise, train
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def items():
-    """The four shortest real Alpaca examples (178..192 byte tokens), with 6, 8, 22 and 14 targets."""
-    tok = effllm.load_tokenizer("tiny")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a few long prompts are dropped at max_len=512
-        all_items, _ = tokenize(load_examples("data/alpaca_subset.json"), tok, max_len=512)
-    return sorted(all_items, key=lambda item: len(item["input_ids"]))[:4]
-
-
-@pytest.fixture(scope="module")
-def pad_id():
-    return effllm.load_tokenizer("tiny").pad_token_id
 
 
 def grads(model) -> dict[str, torch.Tensor]:
