@@ -14,6 +14,7 @@ report: setup
 lint: setup
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports
 
 test: lint
 	$(VENV)/python -m pytest -q

@@ -1,17 +1,15 @@
 """Low-rank adaptation (LoRA, Hu et al. 2021): a frozen linear plus a trainable update B A scaled by alpha/r.
 
 Follows litgpt's `lora.py` (a wrapper of the frozen linear, A Kaiming, B zeros, merge safe to call twice) and
-PEFT's numerics (adapters in fp32, dropout on the input of the A path). `effllm.peft_io` saves and loads
-adapters in PEFT's format, so PEFT and effllm read each other's.
+PEFT's numerics (adapters in fp32, dropout on the input of the A path). `effllm.loading.peft` saves and
+loads adapters in PEFT's format, so PEFT and effllm read each other's.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-
-from effllm.loading import ours_to_hf
 
 
 class LoRALinear(nn.Module):
@@ -62,22 +60,23 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def hf_path(name: str) -> str:
-    """Our module name -> transformers': layers.0.attn.q_proj -> model.layers.0.self_attn.q_proj."""
-    return ours_to_hf(f"{name}.weight").removesuffix(".weight")
-
-
 def check_no_lora(model: nn.Module) -> None:
     """Refuse to add adapters to a model that has some (stacked adapters would train silently wrong)."""
     if found := lora_layers(model):
         raise ValueError(f"the model already has LoRA on {len(found)} linears; call remove_lora(model) first")
 
 
-def target_linears(model: nn.Module, targets: str | Sequence[str]) -> dict[str, nn.Linear]:
-    """The linears to adapt, by our module name, chosen by PEFT's target_modules rule."""
-    # PEFT's rule for a list: a target is a module's transformers path or a dotted suffix of it ("q_proj")
+def target_linears(
+    model: nn.Module, targets: str | Sequence[str], *, path: Callable[[str], str] = str
+) -> dict[str, nn.Linear]:
+    """The linears to adapt, by module name, chosen by PEFT's target_modules rule.
+
+    A target is a linear's path or a dotted suffix of it ("q_proj", "attn.q_proj"), or "all-linear" (every
+    linear but the output head). `path` maps our module names to the names targets are written in
+    (the PEFT loader passes transformers' names).
+    """
     linears = {
-        hf_path(n): (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
+        path(n): (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
     }
     available = sorted({n.rsplit(".", 1)[-1] for n in linears})
     if isinstance(targets, str):

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from effllm.lora import apply_lora, lora_layers
-from effllm.model import Llama, ModelArgs
+from effllm.model import Llama, ModelArgs, training_mode
 from effllm.precision import autocast
 from effllm.step import loss_fn
 
@@ -49,18 +49,12 @@ def saved_bytes(model: nn.Module, batch: dict, *, precision: str = "fp32", check
         saved.setdefault(_key(t), t)  # a tensor saved twice (or two views of one storage) counts once
         return t
 
-    restore = model.training, getattr(model, "checkpoint_every", 0)
-    model.train()
-    model.checkpoint_every = checkpointing
     copies = _WeightCopies(param_keys)
-    try:
+    with training_mode(model, checkpointing=checkpointing):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), copies:
             with autocast(device, precision):
                 logits = model(batch["input_ids"].to(device))  # (B, T, V)
             loss_fn(logits, batch["labels"].to(device))
-    finally:
-        model.train(restore[0])
-        model.checkpoint_every = restore[1]
     # The loss's transient peak: the logits and their fp32 shifted copy, freed before backward.
     out = {"activations": 0, "weight_copies": 0, "logits": logits.nbytes + logits[:, :-1].numel() * 4}
     for key, t in saved.items():

@@ -5,7 +5,9 @@ SwiGLU MLP; one module serves training (no cache) and decoding (a pre-allocated 
 `input_pos`). Follows gpt-fast's `model.py` and Meta's reference; numerics match transformers' Llama.
 """
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -202,9 +204,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self._inv_freq: Tensor | None = (
-            None  # fp32 whatever the model's dtype; not a buffer, so .to() keeps it
-        )
+        self._inv_freq: Tensor | None = None  # fp32 whatever the model's dtype; not a buffer: .to() keeps it
         self.checkpoint_every = 0  # n > 0: recompute every n-th block's activations in backward
 
     def setup_cache(self, batch_size: int, max_len: int) -> None:
@@ -285,6 +285,19 @@ class Llama(nn.Module):
             real = key_mask[:, None, None, :S].bool() | (k_slots[None, :] == q_slots[:, None])
             mask = mask & real  # (B, 1, T, S)
         return mask
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module, *, checkpointing: int = 0) -> Iterator[nn.Module]:
+    """Train mode with every `checkpointing`-th block recomputed in backward (0: none); restored after."""
+    restore = model.training, getattr(model, "checkpoint_every", 0)
+    model.train()
+    model.checkpoint_every = checkpointing
+    try:
+        yield model
+    finally:
+        model.train(restore[0])
+        model.checkpoint_every = restore[1]
 
 
 def param_bytes(model: nn.Module, *, trainable_only: bool = False) -> int:

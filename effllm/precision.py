@@ -2,14 +2,31 @@
 probe that says why a precision cannot run on a device before a configuration is attempted.
 
 fp16 autocast pairs with dynamic loss scaling (`torch.amp.GradScaler`, in `effllm.train`); bf16 autocast
-needs none; bf16-pure casts the whole model, master weights included.
+needs none; bf16-pure casts the whole model, master weights included. `DTYPES` is the project's one
+vocabulary of dtype names (fp32, bf16, fp16), used for weights, caches and results alike.
 """
 
 import contextlib
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16-pure": None}
+
+
+def dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name (fp32, bf16, fp16)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a torch dtype in the project's vocabulary (torch.float32 -> fp32)."""
+    names = {v: k for k, v in DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype} has no name here; use one of {', '.join(DTYPES)}")
+    return names[dtype]
 
 
 def autocast(device: torch.device, precision: str):

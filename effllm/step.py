@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from effllm import measure
 from effllm.data import IGNORE_INDEX, count_target_tokens
+from effllm.device import sync
 from effllm.precision import autocast
 
 
@@ -42,7 +42,7 @@ def backward_step(
     total = sum(count_target_tokens(b) for b in micro_batches)  # counted on the host before any forward
     summed, times = torch.zeros((), device=device), []
     for batch in micro_batches:
-        measure.sync(device)
+        sync(device)
         t0 = time.perf_counter()
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T) each
         with autocast(device, precision):
@@ -53,7 +53,7 @@ def backward_step(
         loss = loss_sum / denom
         (scaler.scale(loss) if scaler is not None else loss).backward()
         summed += loss_sum.detach()
-        measure.sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return {
         "loss": summed.item() / max(total, 1),  # token-mean over the whole step

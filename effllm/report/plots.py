@@ -1,0 +1,160 @@
+"""Seaborn figures shared by the notebooks and the summary; each returns a matplotlib Figure."""
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from effllm.bench.rows import LEDGER_TERMS
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def length_sweep(sweep: pd.DataFrame) -> Figure:
+    """Runtime against generated tokens, cache on and off, one panel per batch size."""
+    data = sweep[(sweep["metric"] == "runtime_s") & (sweep["status"] == "ok")]
+    g = sns.relplot(
+        data=data,
+        x="new_tokens",
+        y="value",
+        hue="cache",
+        col="batch",
+        kind="line",
+        marker="o",
+        height=3.2,
+        aspect=1.1,
+        facet_kws={"sharey": False},
+    )
+    g.set_axis_labels("generated tokens", "runtime (s)")
+    g.set_titles("batch {col_name}")
+    return g.figure
+
+
+def bars(
+    table: pd.DataFrame, *, x: str, y: str, hue: str | None = None, ylabel: str = "", title: str = ""
+) -> Figure:
+    """A bar chart of one column of a tidy table."""
+    g = sns.catplot(data=table, x=x, y=y, hue=hue, kind="bar", height=3.2, aspect=1.6)
+    g.set_axis_labels(x, ylabel or y)
+    g.figure.suptitle(title, y=1.03)
+    return g.figure
+
+
+def loss_curves(
+    curves: pd.DataFrame, *, hue: str = "config", title: str = "", ylabel: str = "loss (nats)"
+) -> Figure:
+    """Loss against optimizer step, one line per configuration (columns: step, value, hue)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(data=curves, x="step", y="value", hue=hue, marker="o", ax=ax)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def ledger_bars(terms: pd.DataFrame, *, title: str = "") -> Figure:
+    """Predicted memory by ledger term (stacked) beside the measured peak, per configuration (MB).
+
+    terms: one row per configuration, columns predicted_<term>_bytes, peak_bytes, peak_live_bytes (MB).
+    """
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
+    x = range(len(terms))
+    bottom = pd.Series(0.0, index=terms.index)
+    for term in LEDGER_TERMS:
+        col = f"predicted_{term}_bytes"
+        if col in terms and terms[col].fillna(0).any():
+            height = terms[col].fillna(0)
+            ax.bar([i - 0.2 for i in x], height, 0.4, bottom=bottom, label=term.replace("_", " "))
+            bottom += height
+    if "peak_bytes" in terms:
+        ax.bar([i + 0.2 for i in x], terms["peak_bytes"], 0.4, color="0.35", label="measured peak")
+    if "peak_live_bytes" in terms:  # CPU: the tensors' own peak, inside the resident set's
+        ax.bar(
+            [i + 0.2 for i in x],
+            terms["peak_live_bytes"],
+            0.4,
+            fill=False,
+            hatch="//",
+            edgecolor="0.1",
+            label="live tensors at peak",
+        )
+    ax.set_xticks(list(x), terms.index, rotation=15, ha="right")
+    ax.set(ylabel="MB", title=title or "predicted (stacked) vs measured")
+    ax.legend(fontsize="small", ncols=2)
+    fig.tight_layout()
+    return fig
+
+
+def memory_bars(table: pd.DataFrame, columns: list[str], *, title: str) -> Figure:
+    """Grouped bars of some MB columns of a per-configuration table (those it has)."""
+    present = [c for c in columns if c in table]
+    long = (
+        table[present]
+        .rename_axis("config")
+        .reset_index()
+        .melt(id_vars="config", var_name="quantity", value_name="MB")
+    )
+    return bars(long, x="config", y="MB", hue="quantity", ylabel="MB", title=title)
+
+
+def by_length(predicted: pd.DataFrame, *, title: str) -> Figure:
+    """Predicted saved activations against length, one line per configuration (columns seq_len, MB)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(data=predicted, x="seq_len", y="MB", hue="config", marker="o", ax=ax)
+    ax.set(xlabel="sequence length (tokens)", ylabel="saved activations (MB)", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def gradient_errors(grads: pd.DataFrame, *, title: str) -> Figure:
+    """Relative gradient error of each accumulated split, by normalisation (log scale)."""
+    data = grads[grads["metric"] == "relative_error"].assign(split=lambda d: d["config"].str.split().str[0])
+    fig = bars(data, x="split", y="value", hue="normalisation", ylabel="relative gradient error", title=title)
+    fig.axes[0].set_yscale("log")
+    return fig
+
+
+def curve_grid(curves: pd.DataFrame) -> Figure:
+    """Every loss curve of the run: one panel per notebook, one line per configuration."""
+    g = sns.relplot(
+        data=curves,
+        x="step",
+        y="value",
+        hue="config",
+        col="notebook",
+        kind="line",
+        marker="o",
+        col_wrap=2,
+        height=3.0,
+        aspect=1.4,
+        facet_kws={"sharey": False},
+    )
+    g.set_axis_labels("optimizer step", "training loss (nats)")
+    g.set_titles("{col_name}")
+    return g.figure
+
+
+def trainable_share(rows: pd.DataFrame) -> Figure:
+    """LoRA's trainable share of the parameters against the rank, one line per target set (log-log)."""
+    data = rows[(rows["metric"] == "trainable_pct") & (rows["status"] == "ok")]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sns.lineplot(data=data, x="r", y="value", hue="targets", marker="o", ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="LoRA rank r", ylabel="trainable parameters (%)")
+    ranks = sorted(data["r"].unique())
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.minorticks_off()
+    fig.tight_layout()
+    return fig
+
+
+def loss_scale(curves: pd.DataFrame, *, title: str = "") -> Figure:
+    """The fp16 loss scale at each optimizer step (log2 axis); a drop marks a step the scaler skipped."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    sns.lineplot(data=curves, x="step", y="value", hue="config", marker="o", drawstyle="steps-post", ax=ax)
+    ax.set_yscale("log", base=2)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set(xlabel="optimizer step", ylabel="loss scale", title=title)
+    fig.tight_layout()
+    return fig
