@@ -96,6 +96,13 @@ def test_peak_window_on_the_cpu_sees_the_block_grow_the_resident_set():
     assert peak["peak_rss_bytes"] - peak["baseline_rss_bytes"] >= 60 * 2**20
 
 
+def test_peak_window_on_the_cpu_fills_a_baseline_no_higher_than_the_peak():
+    with measure.peak_window("cpu") as peak:
+        assert set(peak) == {"baseline_rss_bytes"}  # the baseline is read when the window opens
+    assert set(peak) == {"baseline_rss_bytes", "peak_rss_bytes"}
+    assert 0 < peak["baseline_rss_bytes"] <= peak["peak_rss_bytes"]
+
+
 def test_step_times_leave_out_the_warm_up_steps():
     records = [
         dict(step=i, step_s=s, micro_step_s=s / 2, tokens=10, total_tokens=20)

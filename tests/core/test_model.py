@@ -3,7 +3,7 @@ import torch
 from torch.testing import assert_close
 
 from effllm.loading import to_transformers
-from effllm.model import PRESETS, ModelArgs, kv_cache_bytes, param_bytes, rope_frequencies
+from effllm.model import PRESETS, ModelArgs, kv_cache_bytes, param_bytes, rope_frequencies, training_mode
 
 
 def test_tiny_logits_match_transformers(tiny):
@@ -74,3 +74,21 @@ def test_llama_3_2_1b_preset_has_the_published_size():
     with torch.device("meta"):
         model = Llama(PRESETS["llama-3.2-1b"])
     assert param_bytes(model) // 4 == 1_235_814_400  # Llama 3.2 1B, tied embeddings
+
+
+def test_training_mode_restores_the_mode_and_checkpointing_even_on_an_exception(tiny):
+    tiny.eval()
+    tiny.checkpoint_every = 3
+    with training_mode(tiny, checkpointing=1) as model:
+        assert model is tiny and tiny.training and tiny.checkpoint_every == 1
+    assert not tiny.training and tiny.checkpoint_every == 3
+    tiny.train()
+    tiny.checkpoint_every = 0
+    with pytest.raises(RuntimeError, match="boom"), training_mode(tiny, checkpointing=2):
+        assert tiny.training and tiny.checkpoint_every == 2
+        raise RuntimeError("boom")
+    assert tiny.training and tiny.checkpoint_every == 0
+    tiny.eval()
+    with pytest.raises(RuntimeError, match="boom"), training_mode(tiny, checkpointing=2):
+        raise RuntimeError("boom")
+    assert not tiny.training and tiny.checkpoint_every == 0

@@ -1,39 +1,15 @@
 """Tidy results on disk: one validated section per file, atomic writes and helpful errors on load."""
 
 import json
-import math
 import os
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from effllm.bench.rows import result_rows, row
+from effllm.bench.rows import row
 from effllm.files import atomic_write_text
 from effllm.report import results
-
-
-def test_row_puts_params_first_looks_up_the_unit_and_gives_nan_for_a_missing_value():
-    r = row("runtime_s", None, status="oom", reason="out of memory", batch=8)
-    assert list(r)[:2] == ["batch", "metric"] and r["unit"] == "s"
-    assert math.isnan(r["value"]) and r["status"] == "oom" and r["reason"] == "out of memory"
-
-
-def test_row_rejects_an_unknown_status_and_a_metric_without_a_unit():
-    with pytest.raises(ValueError, match="'crashed' is not one of ok, oom"):
-        row("runtime_s", 1.0, status="crashed")
-    with pytest.raises(ValueError, match="'latency' has no unit"):
-        row("latency", 1.0)
-
-
-def test_a_failed_result_is_one_row_with_its_reason_and_diverged_is_an_error():
-    assert result_rows({"status": "oom", "reason": "killed"}, {"batch": 16}, metric="runtime_s") == [
-        row("runtime_s", None, status="oom", reason="killed", batch=16)
-    ]
-    (bad,) = result_rows({"status": "diverged", "reason": "nan"}, {}, metric="step_s")
-    assert bad["status"] == "error"
-    ok = result_rows({"status": "ok", "step_s": 1.5, "not_a_metric": 3}, {"stack": "ours"}, metric="step_s")
-    assert [(r["metric"], r["value"], r["stack"]) for r in ok] == [("step_s", 1.5, "ours")]
 
 
 def test_save_fills_status_and_reason_and_round_trips(tmp_path):
