@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 
 from effllm.bench import experiments
 from effllm.report.tables import curves
@@ -37,3 +38,25 @@ def test_a_sweep_labels_each_configuration_and_keeps_the_stack_order():
     configs = experiments.stack_configs("bf16", {"r": 4}, labels=["a", "b", "c", "d"])
     assert list(configs) == ["a", "b", "c", "d"] and configs["d"]["lora"] == {"r": 4}
     assert configs["c"] == {"precision": "bf16", "checkpointing": 1}
+
+
+def test_a_run_takes_fields_and_switches_from_notebook_parameters():
+    params = dict(
+        model="tiny",
+        data_dir="data",
+        train_examples=4,
+        max_len=64,
+        micro_batch=2,
+        steps=3,
+        lr=0.1,
+        optimizer="adamw",
+        checkpointing=[0, 1],
+        unrelated="x",
+    )
+    run = experiments.Run.from_parameters(params, switches=("lr", "optimizer"), device="cpu")
+    assert run.switches == {"lr": 0.1, "optimizer": "adamw"} and run.micro_batch == 2
+    assert run.switch("precision") == "fp32"  # train()'s own default
+    assert run.but(precision="bf16", max_len=32).columns()["precision"] == "bf16"
+    assert run.but(max_len=32).max_len == 32 and run.but(lr=None).switch("lr") == 1e-5
+    with pytest.raises(ValueError, match="not train"):
+        run.but(steps_per_epoch=3)
