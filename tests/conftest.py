@@ -62,6 +62,16 @@ def items() -> list[dict]:
     return sorted(all_items, key=lambda item: len(item["input_ids"]))[:4]
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One smoke run of every notebook (about 3 minutes), shared by the report tests: (exit code, run dir)."""
+    from effllm.report import runner
+
+    out = tmp_path_factory.mktemp("reports")
+    code = runner.run_report(profile="smoke", run="smoke", out=out)
+    return code, out / "smoke"
+
+
 def ragged_batch(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random prompts of the given lengths, left-padded with token 0: (input_ids, attention_mask)."""
     gen = torch.Generator().manual_seed(seed)
