@@ -28,3 +28,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 `text` to `path` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout effllm runs from (installed editable)
+
+
+def repo_path(path: str | Path) -> Path:
+    """An absolute path as it is; a relative one from the repository root, never the current directory.
+
+    So a notebook's `data_dir="data"` means the same folder whether papermill, JupyterLab or the report
+    runner starts it, from whichever directory.
+    """
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO / path

@@ -28,7 +28,7 @@ def markdown(df: pd.DataFrame, formats: dict[str, str]) -> str:
 
 def main(run: Path) -> None:
     record = json.loads((run / "run.json").read_text())
-    cpu = dict(provenance.describe(record["provenance"]))["CPU"]
+    cpu = dict(provenance.describe(record["provenance"])["Hardware"])["CPU"]
     walls = ", ".join(f"{stem} {nb['wall_s'] / 60:.1f} min" for stem, nb in record["notebooks"].items())
     total = sum(nb["wall_s"] for nb in record["notebooks"].values()) / 60
     date = record["provenance"]["date_utc"]

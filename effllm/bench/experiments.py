@@ -20,6 +20,7 @@ from effllm.bench import measure
 from effllm.bench.rows import LEDGER_TERMS, failure_status, row
 from effllm.decoding import generate
 from effllm.device import resolve_device
+from effllm.files import repo_path
 from effllm.memory import ledger
 from effllm.model import Llama
 from effllm.step import evaluate
@@ -50,9 +51,8 @@ class Run:
     switches: dict = dataclasses.field(default_factory=dict)  # train() keyword arguments
 
     def __post_init__(self):
-        object.__setattr__(
-            self, "data_dir", str(Path(self.data_dir).resolve())
-        )  # the same in a child process
+        # relative to the repository, not the working directory: the same in a notebook and a child process
+        object.__setattr__(self, "data_dir", str(repo_path(self.data_dir)))
         unknown = set(self.switches) - set(TRAIN_DEFAULTS) | {"steps", "seed"} & set(self.switches)
         if unknown:
             raise ValueError(f"not train() switches (or set by the Run itself): {sorted(unknown)}")
@@ -211,17 +211,27 @@ def held_out_prompts(run: Run, n: int) -> list[dict]:
     return [e for e in data.load_examples(Path(run.data_dir) / "alpaca_eval.json") if not e["input"]][:n]
 
 
-def learn_in_process(model: Llama, tokenizer, run: Run, *, prompts: list[dict], max_new_tokens: int) -> dict:
-    """Fine-tune model in place as run says, with the held-out loss before and during it.
+def learn_in_process(
+    model: Llama, tokenizer, run: Run, *, epochs: int, prompts: list[dict], max_new_tokens: int
+) -> dict:
+    """Fine-tune model in place for `epochs` passes over the run's training examples (a new order each
+    pass), with the held-out loss before, every `eval_every` steps and at the end.
 
     Returns rows (eval_loss at step 0, then the loss and eval_loss of each step), the greedy replies to
-    prompts before and after, and the run's status.
+    prompts before and after, the number of optimizer steps and held-out examples, and the run's status.
     """
-    train_b, _ = alpaca_batches(tokenizer, run, "subset", run.train_examples)
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    train_b = [
+        b
+        for epoch in range(epochs)
+        for b in alpaca_batches(tokenizer, run.but(seed=run.seed + epoch), "subset", run.train_examples)[0]
+    ]
+    steps = max(1, len(train_b) // run.switch("accum_steps"))
     eval_b, _ = alpaca_batches(tokenizer, run, "eval", run.eval_examples)
     reply = lambda: replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, template=run.template)
     before, eval_before = reply(), evaluate(model, eval_b)
-    result = train(model, train_b, steps=run.steps, eval_batches=eval_b, seed=run.seed, **run.switches)
+    result = train(model, train_b, steps=steps, eval_batches=eval_b, seed=run.seed, **run.switches)
     rows = [row("eval_loss", eval_before, step=0)]
     rows += [
         row(k, r[k], step=r["step"])
@@ -230,7 +240,14 @@ def learn_in_process(model: Llama, tokenizer, run: Run, *, prompts: list[dict], 
         if not math.isnan(r[k])
     ]
     n_eval = sum(b["input_ids"].shape[0] for b in eval_b)
-    return {"rows": rows, "before": before, "after": reply(), "status": result.status, "n_eval": n_eval}
+    return {
+        "rows": rows,
+        "before": before,
+        "after": reply(),
+        "status": result.status,
+        "steps": steps,
+        "n_eval": n_eval,
+    }
 
 
 def checkpointing_label(n: int) -> str:

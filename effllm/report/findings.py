@@ -200,13 +200,17 @@ def mixed_precision_here(mixed_precision: str, support: dict[str, str], device: 
     """Which 16-bit format the stack's "+ Mixed precision" uses here, and what this device offers for it."""
     if device != "cpu":
         return f"Mixed precision here is **{mixed_precision}** autocast, as in the reference (fp16 on a GPU)."
-    fp16 = support["AVX-512 FP16 arithmetic"] == "yes" or support["AMX FP16 tiles"] == "yes"
+    bf16 = [k for k in ("AVX-512 BF16 dot products", "AMX BF16 tiles") if support.get(k) == "yes"]
+    fp16 = [k for k in ("AVX-512 FP16 arithmetic", "AMX FP16 tiles") if support.get(k) == "yes"]
+    say = lambda units, fmt: (
+        f"this CPU has {' and '.join(units)}, so {fmt} matmuls can use fast kernels"
+        if units
+        else f"this CPU has no {fmt} units, so {fmt} matmuls fall back to slow generic kernels"
+    )
     return (
-        f"Mixed precision here is **{mixed_precision}**. On a CPU, PyTorch's autocast has fast kernels for "
-        f"bf16 where the CPU offers them (this one: AVX-512 BF16 **{support['AVX-512 BF16 dot products']}**, "
-        f"AMX BF16 **{support['AMX BF16 tiles']}**) and for fp16 only with AVX-512 FP16 or AMX FP16 (this "
-        f"one: "
-        f"**{'yes' if fp16 else 'no'}**); 03_amp measures every precision. On a GPU the reference uses fp16."
+        f"Mixed precision here is **{mixed_precision}** autocast (the reference used fp16 on a GPU). For "
+        f"bf16, {say(bf16, 'bf16')}; for fp16, {say(fp16, 'fp16')}. 03_amp measures what each precision "
+        "actually gives on this machine."
     )
 
 
@@ -302,13 +306,22 @@ def budget_fits(
     )
 
 
-def held_out(demo: pd.DataFrame, n_eval: int, status: str) -> str:
-    """The held-out loss before and after the in-process fine-tune."""
-    evals = demo[demo.metric == "eval_loss"].sort_values("step")
-    steps = int(demo[demo.metric == "loss"].step.max())
+def held_out(learn: pd.DataFrame, learned: dict) -> str:
+    """How far the fine-tune that learns moved the held-out loss, and what its training loss did."""
+    evals = learn[learn.metric == "eval_loss"].sort_values("step")
+    train = learn[learn.metric == "loss"].sort_values("step").value
+    a, b = evals.value.iloc[0], evals.value.iloc[-1]
+    k = max(1, len(train) // 5)
+    moved = (
+        f"falls by **{a - b:.3f} nats ({(a - b) / a:.1%})**"
+        if b < a
+        else f"does not fall (**{b - a:+.3f} nats**): the adapter did not learn with these settings"
+    )
     return (
-        f"Held-out loss on {n_eval} examples: **{evals.value.iloc[0]:.3f}** before, "
-        f"**{evals.value.iloc[-1]:.3f}** after {steps} steps ({status})."
+        f"Held-out loss on {learned['n_eval']} examples: **{a:.3f}** before training, **{b:.3f}** after "
+        f"{learned['steps']} steps: it {moved}. The training loss, averaged over the first and the last "
+        f"{k} steps, goes from {train.head(k).mean():.3f} to {train.tail(k).mean():.3f}. Status: "
+        f"{learned['status']}."
     )
 
 
@@ -677,3 +690,15 @@ def cache_agreement(checks: pd.DataFrame) -> str:
                 f"difference {v[(dtype, 'max_logit_diff')]:.2f})."
             )
     return " ".join(lines)
+
+
+def failed(rows: pd.DataFrame, columns: list[str]) -> str:
+    """The configurations that did not run, each with its status and reason (or that all of them ran)."""
+    bad = tables.failures(rows, columns)
+    if bad.empty:
+        return "Every configuration ran."
+    lines = [
+        f"- {', '.join(str(r[c]) for c in columns)}: **{r['status']}**: {r['reason'] or 'no reason recorded'}"
+        for _, r in bad.iterrows()
+    ]
+    return "Did not run:\n\n" + "\n".join(lines)

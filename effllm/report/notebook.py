@@ -1,11 +1,17 @@
 """The one setup call of a report notebook: device, output folders, display defaults and savers.
 
-`nb = setup("02_lora", results_dir=..., figures_dir=..., device=..., model=...)` resolves the device,
-records the model's provenance in the notebook's meta.json, and gives `nb.save(section, rows)` (tidy rows
-written atomically as soon as they are measured), `nb.figure(name, fig)` and `nb.progress(desc)`.
+`nb = setup("02_lora", run_dir, device=..., model=...)` resolves the device and the run directory (a
+relative `run_dir` is taken from the repository root, so papermill, JupyterLab and the runner write to the
+same place from any working directory), records the model's provenance in the notebook's meta.json, makes
+every DataFrame the notebook shows a readable table (`effllm.report.display`), and gives
+`nb.save(section, rows)` (tidy rows written atomically as soon as they are measured),
+`nb.figure(name, fig, caption)` and `nb.progress(desc)`.
 """
 
+import base64
+import io
 from collections.abc import Callable, Iterable
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -13,29 +19,44 @@ import pandas as pd
 from tqdm import tqdm
 
 from effllm.device import resolve_device
+from effllm.files import atomic_write_bytes, repo_path
 from effllm.loading import describe_source
-from effllm.report import results
+from effllm.report import display, results
+from effllm.report.paths import shown
 
 
 class Notebook:
     """What a report notebook writes: result sections, figures and provenance, under its own stem."""
 
-    def __init__(self, stem: str, results_dir: str | Path, figures_dir: str | Path, device: str):
-        self.stem, self.results_dir, self.figures_dir, self.device = (
-            stem,
-            Path(results_dir),
-            Path(figures_dir),
-            device,
-        )
+    def __init__(self, stem: str, run_dir: str | Path, device: str):
+        self.stem, self.device = stem, device
+        self.run_dir = repo_path(run_dir)
+        self.results_dir = self.run_dir / "results"
+        self.figures_dir = self.run_dir / "figures" / stem
         self._meta: dict[str, Any] = {}
 
     def save(self, section: str, rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
         """Write one section of tidy rows now (a later failure keeps them) and return them as a DataFrame."""
         return results.save(rows, self.results_dir, self.stem, section)
 
-    def figure(self, name: str, fig) -> None:
-        """Save a figure as figures_dir/<name>.png (the notebook shows it inline as well)."""
-        results.save_figure(fig, name, self.figures_dir)
+    def figure(self, name: str, fig, caption: str, alt: str | None = None) -> None:
+        """Save a figure as figures/<stem>/<name>.png and show it with its caption and alt text."""
+        import matplotlib.pyplot as plt
+        from IPython.display import HTML
+        from IPython.display import display as show
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)  # shown once, below, not again by the inline backend
+        atomic_write_bytes(self.figures_dir / f"{name}.png", buf.getvalue())
+        data = base64.b64encode(buf.getvalue()).decode("ascii")
+        show(
+            HTML(
+                f'<figure class="effllm-figure" id="fig-{self.stem}-{name}">'
+                f'<img src="data:image/png;base64,{data}" alt="{escape(alt or caption)}">'
+                f"<figcaption>{escape(caption)}</figcaption></figure>"
+            )
+        )
 
     def meta(self, **info: Any) -> None:
         """Add provenance to the notebook's meta.json (the report's provenance table shows it)."""
@@ -47,13 +68,12 @@ class Notebook:
         return lambda items: tqdm(items, desc=desc)
 
 
-def setup(
-    stem: str, results_dir: str, figures_dir: str, *, device: str = "cpu", model: str | None = None
-) -> Notebook:
-    """Resolve the device, set pandas' display, and record the model's provenance."""
-    pd.options.display.float_format = "{:,.3f}".format
-    nb = Notebook(stem, results_dir, figures_dir, str(resolve_device(device)))
-    Path(figures_dir).mkdir(parents=True, exist_ok=True)
+def setup(stem: str, run_dir: str, *, device: str = "cpu", model: str | None = None) -> Notebook:
+    """Resolve the device and the run directory, install the table display, record the model's source."""
+    display.install()
+    nb = Notebook(stem, run_dir, str(resolve_device(device)))
+    nb.figures_dir.mkdir(parents=True, exist_ok=True)
     if model is not None:
-        nb.meta(model=describe_source(model))
+        source = describe_source(model)
+        nb.meta(model={k: shown(v) if k == "path" else v for k, v in source.items()})
     return nb

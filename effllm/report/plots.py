@@ -158,3 +158,21 @@ def loss_scale(curves: pd.DataFrame, *, title: str = "") -> Figure:
     ax.set(xlabel="optimizer step", ylabel="loss scale", title=title)
     fig.tight_layout()
     return fig
+
+
+def learning_curve(curves: pd.DataFrame, *, title: str = "", window: int = 5) -> Figure:
+    """Training loss per optimizer step (faint points) with its centred rolling mean, and the held-out
+    loss (markers). curves: columns metric ("loss" or "eval_loss"), step, value."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    train = curves[curves["metric"] == "loss"].sort_values("step")
+    held = curves[curves["metric"] == "eval_loss"].sort_values("step")
+    blue, orange = sns.color_palette()[:2]
+    ax.scatter(train["step"], train["value"], s=12, alpha=0.3, color=blue, label="training, each step")
+    smooth = train["value"].rolling(window, min_periods=1, center=True).mean()
+    ax.plot(train["step"], smooth, color=blue, label=f"training, mean of {window} steps")
+    ax.plot(held["step"], held["value"], marker="o", color=orange, label="held-out")
+    ax.set(xlabel="optimizer step", ylabel="loss (nats)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -6,6 +6,7 @@ child process, to name the GPUs. Notebooks add their own model and data checksum
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from effllm.bench.cpu import cpu_name
-from effllm.report.paths import ROOT
+from effllm.report.paths import DATA_DIR, ROOT
 
 _GPU_QUERY = """import json, torch
 n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -40,6 +41,7 @@ def collect() -> dict[str, Any]:
             "gpus": _gpus(),
         },
         "git": _git(),
+        "data": _data(),
     }
 
 
@@ -54,31 +56,57 @@ def notebook_meta(results_dir: str | Path) -> dict[str, dict]:
     return meta
 
 
-def describe(prov: dict[str, Any], meta: dict[str, dict] | None = None) -> list[tuple[str, str]]:
-    """Readable (item, value) rows of a `collect()` result and of the notebooks' meta.json files."""
+def describe(prov: dict[str, Any], meta: dict[str, dict] | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Readable (item, value) rows of a `collect()` result and the notebooks' meta.json files, grouped:
+    hardware, software, model, data, run. Paths are shown relative to the checkout or `~`."""
+    meta = meta or {}
     hw, git = prov.get("hardware", {}), prov.get("git", {})
     gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in hw.get("gpus", [])) or "none"
-    rows = [
-        ("Date (UTC)", prov.get("date_utc")),
-        (
-            "Git commit",
-            (git.get("commit") or git.get("note", "unknown")) + (" (dirty)" if git.get("dirty") else ""),
-        ),
-        ("OS", prov.get("os")),
-        ("CPU", f"{hw.get('cpu')}, {hw.get('logical_cores')} logical cores, {hw.get('ram_gib')} GiB RAM"),
+    hardware = [
+        ("CPU", f"{hw.get('cpu')}, {hw.get('logical_cores')} logical cores"),
+        ("Memory", f"{hw.get('ram_gib')} GiB"),
         ("GPU", gpus),
-        ("Python", prov.get("python")),
-        ("Packages", ", ".join(f"{k} {v}" for k, v in prov.get("packages", {}).items() if v)),
     ]
-    return rows + [
-        (f"{stem}: {key}", value) for stem, m in (meta or {}).items() for key, value in _flatten(m)
+    support = next((m["half_precision_support"] for m in meta.values() if "half_precision_support" in m), {})
+    if support:
+        hardware.append(("16-bit arithmetic", "; ".join(f"{k}: {v}" for k, v in support.items())))
+    software = [("OS", prov.get("os")), ("Python", prov.get("python"))]
+    software += [(name, version) for name, version in prov.get("packages", {}).items() if version]
+    models: dict[str, list[str]] = {}
+    for stem, m in meta.items():
+        if "model" in m:
+            models.setdefault(json.dumps(m["model"], sort_keys=True), []).append(stem)
+    model = []
+    for key, stems in models.items():
+        m = json.loads(key)
+        where = f" ({m['path']})" if m.get("path") else ""
+        model.append((f"{m.get('source')} ({m.get('kind')})", f"used by {', '.join(stems)}{where}"))
+        digests = m.get("sha256", {})
+        digests = digests if isinstance(digests, dict) else {"the weights": digests}
+        model += [(f"sha256 of {name}", digest) for name, digest in digests.items()]
+        if m.get("weights"):
+            model.append(("weights", m["weights"]))
+    data = [
+        (name, f"{d.get('examples')} examples, sha256 {d.get('sha256')}")
+        for name, d in prov.get("data", {}).items()
     ]
+    commit = (git.get("commit") or git.get("note", "unknown")) + (" (dirty)" if git.get("dirty") else "")
+    run = [("Date (UTC)", prov.get("date_utc")), ("Git commit", commit)]
+    return {"Hardware": hardware, "Software": software, "Model": model, "Data": data, "Run": run}
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in d.items():
-        out += _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [(prefix + key, value)]
+def _data() -> dict[str, dict[str, Any]]:
+    """The data files the notebooks read: their number of examples and sha256."""
+    out = {}
+    for path in sorted(DATA_DIR.glob("*.json")):
+        try:
+            examples = len(json.loads(path.read_text()))
+        except ValueError:
+            examples = None
+        out[f"data/{path.name}"] = {
+            "examples": examples,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
     return out
 
 
@@ -116,7 +144,11 @@ def _git() -> dict[str, Any]:
     try:
         dirty = bool(git("status", "--porcelain"))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None, "note": f"{ROOT} is not a git checkout (or git is missing)"}
+        return {
+            "commit": None,
+            "dirty": None,
+            "note": "the checkout is not a git repository (or git is missing)",
+        }
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": dirty}
     except subprocess.SubprocessError:

@@ -18,7 +18,7 @@ from typing import Any
 from unittest.mock import patch
 
 from effllm.report import profiles, provenance
-from effllm.report.paths import DATA_DIR, NOTEBOOKS_DIR, ROOT
+from effllm.report.paths import NOTEBOOKS_DIR, ROOT, for_run
 from effllm.report.record import order, read_run_json, write_run_json
 
 KERNEL = "python3"
@@ -73,7 +73,7 @@ def run_report(
     start = time.perf_counter()
     for i, path in enumerate(paths, 1):
         params = profiles.for_notebook(profile, path.stem, declared[path.stem], overrides)
-        params.update(_path_parameters(run_dir, path.stem, declared[path.stem]))
+        params.update(_path_parameters(run_dir, declared[path.stem]))
         _say(f"[{i}/{len(paths)}] {path.stem}: started at +{_clock(time.perf_counter() - start)}")
         entry = _execute(path, run_dir, params, profile)
         record["notebooks"][path.stem] = entry
@@ -137,13 +137,9 @@ def _execute(path: Path, run_dir: Path, params: dict[str, Any], profile: str) ->
     }
 
 
-def _path_parameters(run_dir: Path, stem: str, declared: set[str]) -> dict[str, str]:
-    paths = {
-        "results_dir": run_dir / "results",
-        "figures_dir": run_dir / "figures" / stem,
-        "data_dir": DATA_DIR,
-    }
-    return {k: str(v) for k, v in paths.items() if k in declared}
+def _path_parameters(run_dir: Path, declared: set[str]) -> dict[str, str]:
+    """The run directory, relative to the checkout when inside it (notebooks resolve it from there)."""
+    return {"run_dir": for_run(run_dir)} if "run_dir" in declared else {}
 
 
 def _clear_outputs(run_dir: Path, stem: str, executed: Path) -> None:

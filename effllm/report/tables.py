@@ -28,6 +28,12 @@ def failures(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return df[df["status"] != "ok"][[*columns, "status", "reason"]].drop_duplicates()
 
 
+def learn_curves(learn: pd.DataFrame) -> pd.DataFrame:
+    """The fine-tune that learns: its training and held-out losses (columns metric, step, value)."""
+    sel = learn[learn["metric"].isin(["loss", "eval_loss"]) & (learn["status"] == "ok")]
+    return sel.astype({"step": int})[["metric", "step", "value"]]
+
+
 def peak_memory_metric(df: pd.DataFrame) -> str:
     """CUDA runs report allocated bytes; CPU runs the peak resident set of a fresh process."""
     return "peak_allocated_bytes" if (df["metric"] == "peak_allocated_bytes").any() else "peak_rss_bytes"
@@ -66,7 +72,9 @@ def inference_table(df: pd.DataFrame) -> pd.DataFrame:
         out["transformers_tokens_per_s"] = hf
         out["speedup_vs_transformers"] = out["tokens_per_s"] / hf
     on = out[out.index.get_level_values("cache") == "on"]["runtime_s"].droplevel("cache")
-    out["delta_runtime_s"] = [r - on.get(b, float("nan")) for (b, _), r in out["runtime_s"].items()]
+    out["delta_runtime_s"] = [  # not applicable (NaN) to the cached rows themselves
+        r - on.get(b, float("nan")) if c == "off" else float("nan") for (b, c), r in out["runtime_s"].items()
+    ]
     for _, r in df[(df["status"] != "ok") & (df["impl"] == "ours")].iterrows():
         out.loc[(r["batch"], r["cache"]), "status"] = f"{r['status']}: {r['reason']}"
     return out.sort_index(level=["batch", "cache"], ascending=[True, False])
@@ -107,7 +115,14 @@ def cache_pays_from(sweep: pd.DataFrame) -> dict[int, int | None]:
 
 def by_dtype(checks: pd.DataFrame) -> pd.DataFrame:
     """Cached against uncached decoding per dtype: identical tokens, first divergence, largest logit gap."""
-    return checks.pivot_table(index="dtype", columns="metric", values="value", sort=False)
+    table = checks.pivot_table(index="dtype", columns="metric", values="value", sort=False)
+    if "first_divergence_step" in table:  # -1: the tokens never diverged, so there is no such step
+        table["first_divergence_step"] = table["first_divergence_step"].where(
+            table["first_divergence_step"] >= 0
+        )
+    if "tokens_identical" in table:
+        table["tokens_identical"] = table["tokens_identical"].astype(bool)
+    return table
 
 
 def finetune_table(stack: pd.DataFrame) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import pandas as pd
 import papermill
 import pytest
 
-from effllm.report import runner
+from effllm.report import headlines
 
 NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
 RESULT_COLUMNS = {"metric", "value", "unit", "status", "reason"}
@@ -32,13 +32,6 @@ def test_notebook_source_is_clean_and_parameterised(path):
         )
     declared = set(papermill.inspect_notebook(str(path)))  # papermill must see every parameter
     assert declared == {line.split(":")[0] for line in lines}
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reports")
-    code = runner.run_report(profile="smoke", run="smoke", out=out)
-    return code, out / "smoke"
 
 
 def test_smoke_report_runs_every_notebook(smoke_run):
@@ -85,3 +78,20 @@ def test_readme_tables_are_printed_from_a_run(smoke_run):
     assert "| batch | cache | peak_memory_gb |" in proc.stdout, proc.stdout
     assert "| Baseline (FP32) |" in proc.stdout and "| + LoRA |" in proc.stdout
     assert "Wall time" in proc.stdout and "logical cores" in proc.stdout
+
+
+def test_key_findings_give_every_notebook_a_headline_from_its_results(smoke_run):
+    results_dir = smoke_run[1] / "results"
+    text = headlines.key_findings(results_dir)
+    assert "not measured" not in text, text
+    for stem in headlines.HEADLINES:
+        assert f"(#nb-{stem})" in text
+    assert headlines.not_run(results_dir).startswith("Everything ran")
+    html = (smoke_run[1] / "report.html").read_text()
+    assert html.index('id="effllm-findings"') < html.index('id="nb-01_kv_cache"')
+
+
+def test_the_fine_tune_that_learns_saves_its_held_out_curve(smoke_run):
+    learn = pd.read_csv(smoke_run[1] / "results" / "02_lora" / "learn.csv")
+    evals = learn[learn.metric == "eval_loss"].sort_values("step")
+    assert evals.step.iloc[0] == 0 and len(evals) >= 2 and (learn.metric == "loss").any()

@@ -26,5 +26,18 @@ def test_collect_names_the_hardware_and_versions():
     prov = provenance.collect()
     assert prov["hardware"]["logical_cores"] >= 1 and prov["hardware"]["cpu"]
     assert prov["packages"]["torch"] and prov["python"]
-    rows = dict(provenance.describe(prov))
-    assert "logical cores" in rows["CPU"] and rows["GPU"]
+    groups = provenance.describe(prov)
+    assert list(groups) == ["Hardware", "Software", "Model", "Data", "Run"]
+    hardware = dict(groups["Hardware"])
+    assert "logical cores" in hardware["CPU"] and hardware["GPU"]
+    assert dict(groups["Software"])["torch"] == prov["packages"]["torch"]
+    assert {name for name, _ in groups["Data"]} >= {"data/alpaca_subset.json", "data/alpaca_eval.json"}
+
+
+def test_models_are_grouped_once_with_the_notebooks_that_used_them():
+    meta = {
+        stem: {"model": {"source": "m.gguf", "kind": "gguf", "path": "~/m.gguf", "sha256": {"m.gguf": "ab"}}}
+        for stem in ("01_kv_cache", "02_lora")
+    }
+    model = provenance.describe({}, meta)["Model"]
+    assert model == [("m.gguf (gguf)", "used by 01_kv_cache, 02_lora (~/m.gguf)"), ("sha256 of m.gguf", "ab")]

@@ -140,13 +140,8 @@ def test_runner_passes_only_declared_parameters_and_overrides(first_run):
     params = {
         s: e["parameters"] for s, e in json.loads((run_dir / "run.json").read_text())["notebooks"].items()
     }
-    assert params["01_measure"] == {
-        "repeats": 3,
-        "label": "hello",
-        "results_dir": str(run_dir / "results"),
-        "figures_dir": str(run_dir / "figures" / "01_measure"),
-    }
-    assert params["02_fails"] == {"results_dir": str(run_dir / "results")}
+    assert params["01_measure"] == {"repeats": 3, "label": "hello", "run_dir": str(run_dir)}
+    assert params["02_fails"] == {"run_dir": str(run_dir)}  # outside the checkout: absolute
     assert "[1/3] 01_measure" in log and "[3/3] 03_summary" in log and "3/3 [" in log  # progress and tqdm
 
 
@@ -168,7 +163,29 @@ def test_html_report_is_self_contained_with_toc_toggle_and_failure(first_run):
     assert 'id="effllm-toggle"' in html and "effllm-hide-code" in html
     assert 'class="effllm-failure"' in html and "fixture failure: boom" in html
     assert "<script src=" not in html and 'src="http' not in html and "<link" not in html
-    assert "model.sha256" in html and "abc123" in html  # notebook meta.json merged into provenance
+    assert "sha256 of the weights" in html and "abc123" in html  # notebook meta.json merged into provenance
+
+
+def test_html_reads_findings_first_and_provenance_last(first_run):
+    html = (first_run[2] / "report.html").read_text()
+    where = {
+        k: html.index(f'id="{k}"') for k in ("effllm-toc", "effllm-findings", "nb-01_measure", "nb-02_fails")
+    }
+    assert where["effllm-toc"] < where["effllm-findings"] < where["nb-01_measure"] < where["nb-02_fails"]
+    assert html.index('id="effllm-provenance"') > where["nb-02_fails"]
+    assert "<h2>Hardware</h2>" in html and "<h2>Software</h2>" in html and "<h2>Run</h2>" in html
+
+
+def test_stderr_goes_to_a_linked_log_and_paths_are_relative(first_run):
+    _, log, run_dir = first_run
+    html = (run_dir / "report.html").read_text()
+    assert "fixture chatter on stderr" in log  # the terminal keeps what the kernel wrote to stderr
+    assert "fixture chatter" in (run_dir / "logs" / "01_measure.log").read_text()
+    assert "UserWarning: fixture chatter" not in html and 'href="logs/01_measure.log"' in html
+    assert "application/vnd.jupyter.stderr" in html  # the failing cell's traceback is still shown
+    root = str(Path(__file__).resolve().parents[2])
+    for path in (run_dir / "report.html", run_dir / "logs" / "01_measure.log"):
+        assert root not in path.read_text(), path
 
 
 def test_no_environment_values_leak_into_outputs(first_run):

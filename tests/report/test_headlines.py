@@ -1,0 +1,38 @@
+"""Key findings from saved results: a missing notebook says so, a failed configuration is listed."""
+
+import json
+
+from effllm.bench.rows import row
+from effllm.report import headlines, results
+
+
+def test_a_run_without_results_says_what_was_not_measured(tmp_path):
+    text = headlines.key_findings(tmp_path / "results")
+    assert text.count("Not measured in this run") == len(headlines.HEADLINES)
+    assert "01_kv_cache/table missing" in text
+
+
+def test_what_did_not_run_names_the_notebook_the_configuration_and_the_reason(tmp_path):
+    results_dir = tmp_path / "results"
+    rows = [
+        row("step_s", 1.0, config="fp32"),
+        row("step_s", None, config="fp16", status="unsupported", reason="fp16 needs CUDA here"),
+    ]
+    results.save(rows, results_dir, "03_amp", "runs")
+    record = {
+        "notebooks": {"04_checkpointing": {"status": "failed", "error": {"ename": "E", "evalue": "boom"}}}
+    }
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    text = headlines.not_run(results_dir)
+    assert "**04_checkpointing** failed: E: boom" in text
+    assert "03_amp / runs (fp16): **unsupported**: fp16 needs CUDA here" in text
+    assert "fp32" not in text
+
+
+def test_a_headline_formats_the_saved_numbers(tmp_path):
+    results_dir = tmp_path / "results"
+    rows = [row("step_s", s, config=c) for c, s in (("fp32", 2.0), ("bf16", 1.0), ("fp16", 4.0))]
+    results.save(rows, results_dir, "03_amp", "runs")
+    text = headlines.amp(results_dir)
+    assert "**2x faster** with bf16" in text and "**2x slower** with fp16" in text
+    assert "bf16-pure did not run" in text
