@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from effllm import checks
+from effllm.checks import InputError
+
 IGNORE_INDEX = -100  # label of a position that is not a target (prompt, padding)
 FIELDS = ("instruction", "input", "output")
 ALPACA_PROMPT = (
@@ -27,7 +30,7 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A malformed data file; the message names the file, record and field."""
 
 
@@ -115,13 +118,13 @@ def tokenize(
     those left without a single target (labels[1:] all -100) are dropped, with a warning giving how many.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has no eos_token_id; the response must end with EOS")
-    if max_len < 2:
-        raise ValueError(f"max_len must be at least 2, got {max_len}")
+        raise DataError("tokenizer has no eos_token_id; the response must end with EOS")
+    checks.integer("max_len", max_len, minimum=2)
     # Chat templates write their own specials (a BOS if the model wants one); plain text gets the defaults.
     prompt_specials = template != "chat"
     items, n_truncated, n_dropped = [], 0, 0
-    for example in examples:
+    for i, example in enumerate(examples):
+        example = _check_record(example, f"example {i}")
         prompt = format_prompt(example, template=template, tokenizer=tokenizer)
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=prompt_specials)
         response_ids = tokenizer.encode(example["output"], add_special_tokens=False)
@@ -147,7 +150,7 @@ def tokenize(
 def collate(items: Sequence[dict[str, list[int]]], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest item: input_ids (B, T) by pad_id, labels (B, T) by -100, attention_mask."""
     if not items:
-        raise ValueError("collate needs at least one item")
+        raise DataError("collate needs at least one item")
     T = max(len(item["input_ids"]) for item in items)
     input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from effllm import checks
+from effllm.checks import InputError
 from effllm.model import Llama
 
 
@@ -49,25 +51,45 @@ def _check(
     top_k: int | None,
     top_p: float | None,
 ) -> None:
-    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}"
+    checks.token_ids("input_ids", input_ids, model.args.vocab_size)
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise InputError(
+            f"input_ids must be a non-empty (batch, length) tensor, got {tuple(input_ids.shape)}"
         )
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-        )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if attention_mask is not None:
+        _check_mask(attention_mask, input_ids)
+    checks.integer("max_new_tokens", max_new_tokens, minimum=0)
     total = input_ids.shape[1] + max_new_tokens
     if total > model.args.max_seq_len:
-        raise ValueError(
+        raise InputError(
             f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
             f"exceeds the model's context of {model.args.max_seq_len} tokens"
         )
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(
-            f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+    checks.number("temperature", temperature, minimum=0)
+    if top_k is not None:
+        checks.integer("top_k", top_k, minimum=1)
+    if top_p is not None and not 0 < checks.number("top_p", top_p) <= 1:
+        raise InputError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def _check_mask(mask: Tensor, input_ids: Tensor) -> None:
+    """A left-padded attention mask: 0/1, the prompt's shape, every row ending in at least one token."""
+    if not isinstance(mask, Tensor) or mask.shape != input_ids.shape:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise InputError(
+            f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {shape}"
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+    m = mask.bool()
+    empty = (~m.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"attention_mask rows {empty} hold no token: each prompt needs at least one")
+    holes = (m[:, :-1] & ~m[:, 1:]).any(dim=1).nonzero().flatten().tolist()
+    if holes:
+        raise InputError(
+            f"attention_mask rows {holes} have padding after a token (right padding): generation continues "
+            "from each row's last position, so pad prompts on the left (tokenizer.padding_side = 'left')"
         )
 
 

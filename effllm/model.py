@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effllm import checks
+
 
 @dataclass
 class ModelArgs:
@@ -32,6 +34,18 @@ class ModelArgs:
     extra: dict = field(default_factory=dict)  # token ids and names carried along, not used by the math
 
     def __post_init__(self):
+        sizes = (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "hidden_dim",
+            "head_dim",
+            "max_seq_len",
+        )
+        for name in sizes:
+            checks.integer(f"ModelArgs.{name}", getattr(self, name), minimum=1)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 

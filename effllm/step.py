@@ -12,9 +12,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from effllm import checks
+from effllm.checks import InputError
 from effllm.data import IGNORE_INDEX, count_target_tokens
 from effllm.device import sync
 from effllm.precision import autocast
+
+
+def check_batch(model: nn.Module, batch: dict, where: str) -> None:
+    """A training batch: input_ids and labels of one shape, ids in the vocabulary, within the context."""
+    missing = [k for k in ("input_ids", "labels") if k not in batch]
+    if missing:
+        raise InputError(f"{where} lacks {', '.join(missing)}: build batches with effllm.data.batches")
+    args = getattr(model, "args", None)
+    ids = checks.token_ids(f"{where}: input_ids", batch["input_ids"], args.vocab_size if args else 2**62)
+    if batch["labels"].shape != ids.shape:
+        raise InputError(f"{where}: labels {tuple(batch['labels'].shape)} != input_ids {tuple(ids.shape)}")
+    if args is not None and ids.shape[1] > args.max_seq_len:
+        raise InputError(
+            f"{where} is {ids.shape[1]} tokens long, beyond the model's context of {args.max_seq_len}: "
+            "lower max_len"
+        )
 
 
 def loss_fn(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,7 +57,14 @@ def backward_step(
     mean: each micro-batch's mean loss / k, the common shortcut that over-weights short micro-batches.
     """
     device = next(model.parameters()).device
+    for i, batch in enumerate(micro_batches):
+        check_batch(model, batch, f"micro-batch {i}")
     total = sum(count_target_tokens(b) for b in micro_batches)  # counted on the host before any forward
+    if total == 0:
+        raise InputError(
+            f"the {len(micro_batches)} micro-batch(es) of this step hold no target token (every label is "
+            f"{IGNORE_INDEX}), so there is no loss: raise max_len or check the prompt masking"
+        )
     summed, times = torch.zeros((), device=device), []
     for batch in micro_batches:
         sync(device)
@@ -69,10 +94,13 @@ def evaluate(model: nn.Module, batches: Iterable[dict], *, precision: str = "fp3
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     summed, n = torch.zeros((), device=device), 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        check_batch(model, batch, f"eval batch {i}")
         with autocast(device, precision):
             logits = model(batch["input_ids"].to(device))
         loss_sum, count = loss_fn(logits, batch["labels"].to(device))
         summed, n = summed + loss_sum, n + int(count)
     model.train(was_training)
-    return summed.item() / max(n, 1)
+    if n == 0:
+        raise InputError(f"the eval batches hold no target token (every label is {IGNORE_INDEX}): no loss")
+    return summed.item() / n

@@ -15,10 +15,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # plain text bars: executed notebooks keep them as stream output
 
+from effllm import checks
+from effllm.checks import InputError
 from effllm.device import is_oom, sync
 from effllm.lora import apply_lora, lora_layers, trainable_parameters
 from effllm.model import training_mode
-from effllm.precision import precision_problem
+from effllm.precision import AUTOCAST, precision_problem
 from effllm.step import backward_step, evaluate
 
 CHOICES = {
@@ -52,6 +54,26 @@ def lr_factor(step: int, *, warmup_steps: int, steps: int, schedule: str) -> flo
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def _broken(records: list[dict], params: list[Tensor], model: nn.Module) -> str:
+    """Why a run that did not stop is still not "ok": non-finite last loss or weights, or a collapse
+    to chance level (the loss at ln(vocabulary) with a zero gradient: the model predicts nothing)."""
+    if not records:
+        return ""
+    last = records[-1]
+    if not math.isfinite(last["loss"]):
+        return f"the last step's loss is {last['loss']} (non-finite losses stayed within divergence_patience)"
+    bad = next((i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        return f"trainable tensor {bad} of {len(params)} holds NaN or inf after training: lower lr"
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    if vocab and last["grad_norm"] == 0.0 and abs(last["loss"] - math.log(vocab)) < 0.01 * math.log(vocab):
+        return (
+            f"collapsed: loss {last['loss']:.3f} = ln(vocabulary {vocab}) with a zero gradient, the output "
+            "no longer depends on the input: lower lr"
+        )
+    return ""
+
+
 def _cycle(batches: Iterable[dict]) -> Iterator[dict]:
     while True:
         n = 0
@@ -79,6 +101,23 @@ def _optimizer_step(opt, sched, scaler, params: list[Tensor], *, max_grad_norm: 
     sched.step()
     skipped = scale is not None and scaler.get_scale() < scale  # the scaler backs off on inf/NaN grads
     return {"lr": lr, "grad_norm": float(norm), "loss_scale": scale, "skipped": skipped}
+
+
+def _check_arguments(a: dict) -> None:
+    """The switches of `train`, each checked for its type and range (NaN and inf are refused)."""
+    for name in CHOICES:
+        checks.choice(name, a[name], CHOICES[name])
+    checks.choice("precision", a["precision"], AUTOCAST)
+    for name, minimum in (("steps", 1), ("accum_steps", 1), ("checkpointing", 0), ("warmup_steps", 0)):
+        checks.integer(name, a[name], minimum=minimum)
+    for name in ("eval_every", "log_every", "divergence_patience", "seed"):
+        checks.integer(name, a[name], minimum=0 if name != "log_every" else 1)
+    checks.number("lr", a["lr"], minimum=0)
+    checks.number("weight_decay", a["weight_decay"], minimum=0)
+    if a["max_grad_norm"] is not None:
+        checks.number("max_grad_norm", a["max_grad_norm"], positive=True)
+    if a["eval_batches"] is not None and len(a["eval_batches"]) == 0:
+        raise InputError("eval_batches is empty: pass None for no evaluation, or at least one batch")
 
 
 def train(
@@ -110,14 +149,7 @@ def train(
     (adapters too) to bf16. A non-finite loss for more than divergence_patience consecutive steps stops
     with status "diverged"; fp16 steps the scaler skips with a finite loss are its back-off, not divergence.
     """
-    given = dict(optimizer=optimizer, schedule=schedule, accum_normalisation=accum_normalisation)
-    for name, value in given.items():
-        if value not in CHOICES[name]:
-            raise ValueError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
-    if steps < 1 or accum_steps < 1 or checkpointing < 0:
-        raise ValueError(
-            f"need steps, accum_steps >= 1, checkpointing >= 0: {steps}, {accum_steps}, {checkpointing}"
-        )
+    _check_arguments(locals())
     device = next(model.parameters()).device
     if reason := precision_problem(precision, device):
         return TrainResult(status="unsupported", reason=reason)
@@ -176,6 +208,8 @@ def train(
     finally:
         bar.close()
     result.steps = len(result.records)
+    if result.status == "ok" and (problem := _broken(result.records, params, model)):
+        result.status, result.reason = "diverged", problem
     if result.records:
         result.final_loss = result.records[-1]["loss"]
         evals = [r["eval_loss"] for r in result.records if not math.isnan(r["eval_loss"])]

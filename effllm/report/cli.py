@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as e:
         parser.exit(2, f"effllm: error: {e}\n")
+    except OSError as e:  # e.g. a read-only --out: say which file, not a traceback
+        where = f" {e.filename}" if e.filename else ""
+        parser.exit(2, f"effllm: error: cannot write{where}: {e.strerror or e}\n")
     except KeyboardInterrupt:
         print("effllm: interrupted; run.json holds the notebooks finished so far", file=sys.stderr)
         return 130

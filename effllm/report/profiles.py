@@ -158,21 +158,39 @@ def for_notebook(
     return {k: v for k, v in merged(profile, stem, overrides).items() if k in declared}
 
 
-def unused_overrides(overrides: dict[str, dict[str, Any]], declared: dict[str, set[str]]) -> list[str]:
-    """Warnings for overrides that no notebook being run declares (`declared`: stem -> names)."""
-    warnings = []
-    for key in overrides.get(ALL, {}):
-        if not any(key in names for names in declared.values()):
-            warnings.append(f"--set {key}=...: no notebook being run declares a parameter {key!r}")
+def check_overrides(overrides: dict[str, dict[str, Any]], declared: dict[str, dict[str, dict]]) -> None:
+    """Raise ValueError for an override no notebook being run declares (listing the valid names), or whose
+    value does not have the parameter's declared type. `declared`: stem -> papermill's parameter info."""
+    problems = []
     for stem, values in overrides.items():
-        if stem == ALL:
-            continue
-        if stem not in declared:
-            warnings.append(
+        targets = declared if stem == ALL else {stem: declared.get(stem)}
+        if targets.get(stem) is None and stem != ALL:
+            problems.append(
                 f"--set {stem}.*: notebook {stem!r} is not being run (running: {', '.join(declared)})"
             )
             continue
-        for key in values:
-            if key not in declared[stem]:
-                warnings.append(f"--set {stem}.{key}=...: {stem} has no parameter {key!r}")
-    return warnings
+        for key, value in values.items():
+            where = key if stem == ALL else f"{stem}.{key}"
+            infos = [params[key] for params in targets.values() if key in params]
+            if not infos:
+                valid = sorted(set().union(*(targets.values())))
+                problems.append(f"--set {where}: no such parameter; valid names: {', '.join(valid)}")
+            elif problem := _type_problem(value, infos[0].get("inferred_type_name", "None")):
+                problems.append(f"--set {where}={value!r}: {problem}")
+    if problems:
+        raise ValueError("\n  ".join(["bad --set overrides:", *problems]))
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list, tuple)}
+
+
+def _type_problem(value: Any, declared: str) -> str:
+    """Why `value` does not fit a declared type such as "int", "list" or "str | None" ("" when it fits)."""
+    names = [t.strip() for t in declared.split("|")]
+    if value is None and "None" in names:
+        return ""
+    types = [_TYPES[n] for n in names if n in _TYPES]
+    if not types:
+        return ""  # an unannotated or exotic type: nothing to check against
+    ok = any(isinstance(value, t) and not (isinstance(value, bool) and bool not in t) for t in types)
+    return "" if ok else f'expected {declared}, got {type(value).__name__} (quote strings, e.g. key="text")'

@@ -65,9 +65,9 @@ def run_report(
         again = [p for p in paths if record["notebooks"].get(p.stem, {}).get("status") != "ok"]
         # the summary reads the others' results, so it is re-run whenever anything else is
         paths = [p for p in paths if p in again or (again and p.stem.endswith("summary"))]
-    declared = {p.stem: set(papermill.inspect_notebook(str(p))) for p in paths}
-    for warning in profiles.unused_overrides(overrides, declared):
-        _say(f"warning: {warning}")
+    declared = {p.stem: papermill.inspect_notebook(str(p)) for p in paths}
+    if paths:
+        profiles.check_overrides(overrides, declared)
     record.update(run=run_dir.name, profile=profile, provenance=provenance.collect())
     failed = 0
     start = time.perf_counter()
@@ -75,7 +75,17 @@ def run_report(
         params = profiles.for_notebook(profile, path.stem, declared[path.stem], overrides)
         params.update(_path_parameters(run_dir, declared[path.stem]))
         _say(f"[{i}/{len(paths)}] {path.stem}: started at +{_clock(time.perf_counter() - start)}")
-        entry = _execute(path, run_dir, params, profile)
+        # "running" until it ends: a run killed now leaves it not "ok", so --only-failed re-runs it
+        record["notebooks"][path.stem] = _entry("running", params, profile)
+        write_run_json(run_dir, record)
+        try:
+            entry = _execute(path, run_dir, params, profile)
+        except KeyboardInterrupt:
+            error = {"ename": "KeyboardInterrupt", "evalue": "interrupted (SIGINT) before it finished"}
+            record["notebooks"][path.stem] = {**record["notebooks"][path.stem], "status": "interrupted"}
+            record["notebooks"][path.stem]["error"] = {**error, "cell": None}
+            write_run_json(run_dir, record)
+            raise
         record["notebooks"][path.stem] = entry
         write_run_json(run_dir, record)
         outcome = "ok" if entry["error"] is None else f"FAILED: {_one_line(entry['error'])}"
@@ -125,15 +135,20 @@ def _execute(path: Path, run_dir: Path, params: dict[str, Any], profile: str) ->
             else ""
         )
         error = {"ename": type(e).__name__, "evalue": f"{e}{hint}", "cell": None}
-    wall = time.perf_counter() - t0
-    status = "ok" if error is None else "failed"
+    entry = _entry("ok" if error is None else "failed", params, profile, started_utc=started)
+    return {**entry, "wall_s": round(time.perf_counter() - t0, 2), "error": error}
+
+
+def _entry(status: str, params: dict[str, Any], profile: str, started_utc: str | None = None) -> dict:
+    """A notebook's record in run.json (wall time and error filled in when it ends)."""
+    started = started_utc or datetime.now(UTC).isoformat(timespec="seconds")
     return {
         "status": status,
-        "wall_s": round(wall, 2),
+        "wall_s": 0.0,
         "started_utc": started,
         "profile": profile,
         "parameters": params,
-        "error": error,
+        "error": None,
     }
 
 

@@ -128,7 +128,7 @@ def test_timed_generation_separates_prefill_and_decode(tiny):
                 attention_mask=torch.ones(2, 5),
                 max_new_tokens=2,
             ),
-            "attention_mask shape",
+            "attention_mask must be a tensor of input_ids. shape",
         ),
         (
             dict(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2, temperature=-1.0),

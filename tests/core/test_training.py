@@ -195,7 +195,7 @@ def test_out_of_memory_becomes_status_oom(tiny, items, pad_id, monkeypatch):
 
 def test_unsupported_names_raise(tiny, items, pad_id):
     batch = [collate(items[:1], pad_id=pad_id)]
-    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, bf16-pure"):
+    with pytest.raises(ValueError, match="precision must be one of 'fp32', 'fp16', 'bf16', 'bf16-pure'"):
         train(tiny, batch, steps=1, precision="fp8", progress=False)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         train(tiny, batch, steps=1, optimizer="lion", progress=False)

@@ -4,9 +4,12 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -88,11 +91,31 @@ def test_parse_overrides_rejects_malformed_items(bad):
         profiles.parse_overrides([bad])
 
 
-def test_unused_overrides_are_warned_about():
-    overrides = profiles.parse_overrides(["repeats=2", "nosuch=1", "01_a.nosuch=1", "09_b.x=1"])
-    warnings = profiles.unused_overrides(overrides, {"01_a": {"repeats"}, "02_b": set()})
-    assert len(warnings) == 3
-    assert any("'nosuch'" in w for w in warnings) and any("09_b" in w for w in warnings)
+DECLARED = {
+    "01_a": {"repeats": {"inferred_type_name": "int"}, "label": {"inferred_type_name": "str"}},
+    "02_b": {"sizes": {"inferred_type_name": "list"}, "model": {"inferred_type_name": "str | None"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["nosuch=1"], "--set nosuch: no such parameter; valid names: label, model, repeats, sizes"),
+        (["01_a.sizes=[1]"], "--set 01_a.sizes: no such parameter; valid names: label, repeats"),
+        (["09_b.repeats=1"], "notebook '09_b' is not being run"),
+        (["repeats=abc"], "--set repeats='abc': expected int, got str"),
+        (["02_b.sizes=[1,2"], "expected list, got str"),
+        (["repeats=True"], "expected int, got bool"),
+    ],
+)
+def test_a_bad_override_is_an_error_that_lists_the_valid_names(sets, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        profiles.check_overrides(profiles.parse_overrides(sets), DECLARED)
+
+
+def test_good_overrides_pass():
+    sets = ["repeats=3", "label=hi", "02_b.sizes=[1, 2]", "model=None", "02_b.model=x"]
+    profiles.check_overrides(profiles.parse_overrides(sets), DECLARED)
 
 
 def test_gpu_profile_without_model_is_a_clear_error(tmp_path, capsys):
@@ -207,3 +230,39 @@ def test_only_failed_reruns_the_failed_notebook_and_the_summary(first_run, tmp_p
     assert after["01_measure"] == before["01_measure"]
     html = (tmp_path / "smoke" / "report.html").read_text()
     assert 'class="effllm-failure"' not in html and 'id="nb-01_measure"' in html
+
+
+def test_sigint_mid_notebook_leaves_it_interrupted_and_only_failed_reruns_it(tmp_path):
+    run_json = tmp_path / "smoke" / "run.json"
+    status = lambda stem: json.loads(run_json.read_text())["notebooks"].get(stem, {}).get("status")
+    args = ["report", "--profile", "smoke", "--notebooks-dir", str(FIXTURES), "--out", str(tmp_path)]
+    sets = ["--set", "02_fails.fail=False", "--set", "02_fails.sleep_s=60"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "effllm.report.cli", *args, *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_json.exists() and status("02_fails") == "running"):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
+        time.sleep(0.2)
+    time.sleep(4)  # inside the notebook's sleep
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert status("01_measure") == "ok" and status("02_fails") == "interrupted"
+    assert not list((tmp_path / "smoke" / "results" / "02_fails").glob("*.csv"))
+    code, log = run_cli("--out", str(tmp_path), "--only-failed", "--set", "02_fails.fail=False")
+    assert code == 0 and "[1/2] 02_fails" in log and "[2/2] 03_summary" in log, log
+    assert (
+        status("02_fails") == "ok" and (tmp_path / "smoke" / "results" / "02_fails" / "answer.csv").exists()
+    )
+
+
+def test_an_unwritable_out_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("--out", str(blocker / "reports"))
+    assert exit_.value.code == 2
