@@ -14,9 +14,10 @@ from effllm.report import reference, tables
 # Why a technique can move step time or peak memory the other way here than in the reference.
 WHY = {
     "+ Mixed precision": {
-        "step time": "half-precision matmuls only run faster on units built for them (GPU tensor cores; on a "
-        "CPU, AVX-512 BF16 or AMX) and only pay when they dominate the step; otherwise autocast only adds "
-        "casts",
+        "step time": "half-precision matmuls run faster only on units built for them (GPU tensor cores; on a "
+        "CPU, AVX-512 BF16 or AMX: 03_amp lists what this machine has and measures its matmul rates), and a "
+        "step gains only as far as those matmuls dominate it; here autocast's casts of every weight and "
+        "activation on every forward cost more than the faster matmuls save",
         "peak memory": "autocast keeps fp32 weights, gradients and optimizer state and adds half-precision "
         "copies of the weights, saving only on activations, a small share for a small model at short "
         "sequences (the reference's 7.8 GB is below the 9.9 GB of fp32 weights and gradients of a 1B "

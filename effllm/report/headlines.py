@@ -18,8 +18,8 @@ from effllm.report.display import number
 
 
 def _faster(ratio: float) -> str:
-    """A speed ratio (new / old speed) in words: "**2.3x faster**" or "**1.2x slower**"."""
-    return f"**{ratio:.2g}x faster**" if ratio >= 1 else f"**{1 / ratio:.2g}x slower**"
+    """A speed ratio (new / old speed) in words: "**2.30x faster**" or "**1.20x slower**"."""
+    return f"**{ratio:.2f}x faster**" if ratio >= 1 else f"**{1 / ratio:.2f}x slower**"
 
 
 class Missing(Exception):

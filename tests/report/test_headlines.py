@@ -34,5 +34,5 @@ def test_a_headline_formats_the_saved_numbers(tmp_path):
     rows = [row("step_s", s, config=c) for c, s in (("fp32", 2.0), ("bf16", 1.0), ("fp16", 4.0))]
     results.save(rows, results_dir, "03_amp", "runs")
     text = headlines.amp(results_dir)
-    assert "**2x faster** with bf16" in text and "**2x slower** with fp16" in text
+    assert "**2.00x faster** with bf16" in text and "**2.00x slower** with fp16" in text
     assert "bf16-pure did not run" in text
