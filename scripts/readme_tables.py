@@ -5,12 +5,13 @@ run.json, never typed by hand.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from effllm.report import findings, provenance, results, tables
+from effllm.report import display, findings, headlines, provenance, results, tables
 
 
 def markdown(df: pd.DataFrame, formats: dict[str, str]) -> str:
@@ -18,7 +19,7 @@ def markdown(df: pd.DataFrame, formats: dict[str, str]) -> str:
     index = list(df.index.names)
     df = df.reset_index()
     cols = [*index, *formats]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(map(display.label, cols)) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         cells = [str(r[c]) for c in index]
         cells += ["—" if pd.isna(r[c]) else format(r[c], f) for c, f in formats.items()]
@@ -34,6 +35,8 @@ def main(run: Path) -> None:
     date = record["provenance"]["date_utc"]
     print(f"Run `{record['run']}` (profile `{record['profile']}`), {date}, {cpu}.")
     print(f"Wall time {total:.1f} min: {walls}.\n")
+    key = re.sub(r"\[([^\]]+)\]\(#[^)]+\)", r"\1", headlines.key_findings(run / "results"))  # no anchors
+    print(key + "\n")
 
     inference = tables.inference_table(results.load(run / "results", "01_kv_cache", "table"))
     columns = {
