@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time `__getattr__` 
     from effllm.decoding import generate, stream
     from effllm.loading import load, load_model, load_tokenizer
     from effllm.model import Llama, ModelArgs, kv_cache_bytes, param_bytes
+    from effllm.quantization import quantize
     from effllm.training import train
 
 _API = {
@@ -26,6 +27,7 @@ _API = {
     "load_model": "effllm.loading",
     "load_tokenizer": "effllm.loading",
     "train": "effllm.training",
+    "quantize": "effllm.quantization",
 }
 __all__ = [
     "Llama",
@@ -36,6 +38,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "param_bytes",
+    "quantize",
     "stream",
     "train",
 ]  # the names of _API, spelled out so that tools read them
