@@ -220,9 +220,15 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self._inv_freq: Tensor | None = None  # fp32 whatever the model's dtype; not a buffer: .to() keeps it
         self.checkpoint_every = 0  # n > 0: recompute every n-th block's activations in backward
+        self.static_cache = False  # True: attend over the whole cache (fixed shapes, for torch.compile)
 
-    def setup_cache(self, batch_size: int, max_len: int) -> None:
-        """Pre-allocate a KV cache of (batch_size, max_len) in the model's dtype and device."""
+    def setup_cache(self, batch_size: int, max_len: int, *, static: bool = False) -> None:
+        """Pre-allocate a KV cache of (batch_size, max_len) in the model's dtype and device.
+
+        static: every step attends over all max_len slots, the unwritten ones masked, so that a decode
+        step has the same shapes every time (what torch.compile needs); the default attends over the
+        slots written so far."""
+        self.static_cache = static
         if max_len > self.args.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the model's context of {self.args.max_seq_len}")
         w = self.embed.weight
@@ -233,6 +239,7 @@ class Llama(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop the KV cache; forward then runs without one (training, uncached decoding)."""
+        self.static_cache = False
         for layer in self.layers:
             layer.attn.kv_cache = None
 
@@ -288,6 +295,8 @@ class Llama(nn.Module):
             if key_mask is None:
                 return None  # training: the fast is_causal path of SDPA
             q_slots, S = torch.arange(T, device=device), T
+        elif self.static_cache:  # every key slot of the cache, unwritten ones masked: fixed shapes
+            q_slots, S = input_pos, self.layers[0].attn.kv_cache.k.shape[2]
         else:
             q_slots, S = input_pos, int(input_pos[-1]) + 1  # one host sync per forward, not per layer
             if key_mask is None and S == T:

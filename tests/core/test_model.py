@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import effllm
 from effllm.loading import to_transformers
 from effllm.model import PRESETS, ModelArgs, kv_cache_bytes, param_bytes, rope_frequencies, training_mode
 
@@ -92,3 +93,22 @@ def test_training_mode_restores_the_mode_and_checkpointing_even_on_an_exception(
     with pytest.raises(RuntimeError, match="boom"), training_mode(tiny, checkpointing=2):
         raise RuntimeError("boom")
     assert not tiny.training and tiny.checkpoint_every == 0
+
+
+def test_a_static_cache_attends_over_every_slot_and_gives_the_same_logits():
+    from effllm.decoding import decode_step, prefill
+
+    model = effllm.load_model("tiny")
+    ids = torch.randint(0, model.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(6).expand(2, 6)
+    runs = []
+    for static in (False, True):
+        model.setup_cache(2, 10, static=static)
+        logits = [prefill(model, ids, positions, None)]
+        for i in range(3):
+            token = logits[-1].argmax(-1)[:, None]
+            logits.append(decode_step(model, token, torch.full((2, 1), 6 + i), 6 + i, None))
+        runs.append(torch.stack(logits))
+        model.clear_cache()
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+    assert not model.static_cache
