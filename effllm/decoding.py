@@ -105,6 +105,20 @@ def decode_step(model: Llama, token: Tensor, position: Tensor, slot: int, key_ma
     return model(token, position_ids=position, input_pos=slots, key_mask=key_mask, last_only=True)[:, -1]
 
 
+def compiled_decode_step(model: Llama):
+    """`decode_step` compiled once per model with torch.compile (fullgraph, static shapes): with a static
+    cache every step has the same shapes, so it never recompiles. The inductor cache lives on disk."""
+    if getattr(model, "_compiled_decode", None) is None:
+
+        def step(token: Tensor, position: Tensor, slots: Tensor, key_mask: Tensor | None) -> Tensor:
+            return model(token, position_ids=position, input_pos=slots, key_mask=key_mask, last_only=True)[
+                :, -1
+            ]
+
+        model._compiled_decode = torch.compile(step, fullgraph=True, dynamic=False)
+    return model._compiled_decode
+
+
 def recompute_step(model: Llama, tokens: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
     """Logits (B, vocab) after the whole sequence (B, S), recomputed without a cache."""
     return model(tokens, position_ids=positions, key_mask=key_mask, last_only=True)[:, -1]
@@ -123,9 +137,15 @@ def stream(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
-    """Yield each step's new tokens (B,), up to max_new_tokens; finished rows get EOS until all are done."""
+    """Yield each step's new tokens (B,), up to max_new_tokens; finished rows get EOS until all are done.
+
+    compile: decode with a static cache and a torch.compile'd step (the first call compiles: seconds to
+    minutes); the tokens are those of the eager path."""
     _check(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    if compile and not use_cache:
+        raise InputError("compile=True needs use_cache=True: the compiled step decodes from a static cache")
     device = input_ids.device
     B, T = input_ids.shape
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
@@ -142,7 +162,8 @@ def stream(
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), then one more per step
     tokens, done = input_ids, torch.zeros(B, dtype=torch.bool, device=device)
     if use_cache:
-        model.setup_cache(B, T + max_new_tokens)
+        model.setup_cache(B, T + max_new_tokens, static=compile)
+    step_fn = compiled_decode_step(model) if compile else None
     try:
         for step in range(max_new_tokens):
             if not use_cache:
@@ -150,6 +171,12 @@ def stream(
                 logits = recompute_step(model, tokens, positions, keys)
             elif step == 0:
                 logits = prefill(model, input_ids, positions, key_mask)
+            elif compile:
+                slots = torch.tensor([T + step - 1], device=device)
+                fixed = lambda t: t.clone(
+                    memory_format=torch.contiguous_format
+                )  # the same strides every step
+                logits = step_fn(fixed(tokens[:, -1:]), fixed(positions[:, -1:]), slots, key_mask)
             else:
                 logits = decode_step(model, tokens[:, -1:], positions[:, -1:], T + step - 1, key_mask)
             nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
@@ -176,8 +203,11 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Tensor:
-    """Prompt plus up to max_new_tokens new tokens, (B, T + new); finished rows are padded with EOS."""
+    """Prompt plus up to max_new_tokens new tokens, (B, T + new); finished rows are padded with EOS.
+
+    compile: a torch.compile'd static-cache decode step (see `stream`)."""
     steps = stream(
         model,
         input_ids,
@@ -189,5 +219,6 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         seed=seed,
+        compile=compile,
     )
     return torch.cat([input_ids, *(t[:, None] for t in steps)], dim=1)

@@ -228,10 +228,24 @@ class Llama(nn.Module):
         static: every step attends over all max_len slots, the unwritten ones masked, so that a decode
         step has the same shapes every time (what torch.compile needs); the default attends over the
         slots written so far."""
-        self.static_cache = static
         if max_len > self.args.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the model's context of {self.args.max_seq_len}")
+        self.static_cache = static
         w = self.embed.weight
+        if static:  # the same cache objects for the same shape: a compiled step keeps its graph
+            key = (batch_size, max_len, w.dtype, w.device)
+            pool = self.__dict__.setdefault("_static_caches", {})
+            if key not in pool:
+                pool.clear()  # one static cache at a time
+                pool[key] = [
+                    KVCache(batch_size, max_len, self.args.n_kv_heads, self.args.head_dim, w.dtype, w.device)
+                    for _ in self.layers
+                ]
+            for layer, cache in zip(self.layers, pool[key], strict=True):
+                cache.k.zero_()
+                cache.v.zero_()
+                layer.attn.kv_cache = cache
+            return
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(
                 batch_size, max_len, self.args.n_kv_heads, self.args.head_dim, w.dtype, w.device

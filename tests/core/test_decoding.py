@@ -159,3 +159,21 @@ def test_smollm2_greedy_tokens_match_transformers_on_ragged_batch(smollm2):
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, ref)
     assert "Paris" in tok.decode(cached[0])
+
+
+def test_compiled_decoding_gives_the_eager_tokens_without_recompiling(tiny):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, tiny.args.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    single = effllm.generate(tiny, ids[:1], max_new_tokens=4)  # batch 1: strides of size-1 dims too
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    eager = effllm.generate(tiny, ids, mask, max_new_tokens=6)
+    for _ in range(2):  # a second call reuses the static cache and the graph
+        assert torch.equal(effllm.generate(tiny, ids, mask, max_new_tokens=6, compile=True), eager)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert torch.equal(effllm.generate(tiny, ids[:1], max_new_tokens=4, compile=True), single)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one more shape, one graph
+    with pytest.raises(ValueError, match="compile=True needs use_cache=True"):
+        effllm.generate(tiny, ids, max_new_tokens=2, use_cache=False, compile=True)
