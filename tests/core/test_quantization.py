@@ -89,3 +89,10 @@ def test_quantizing_twice_or_under_adapters_is_refused():
     apply_lora(adapted)
     with pytest.raises(InputError, match="LoRA adapters"):
         qz.quantize(adapted, "int8")
+
+
+def test_a_quantized_model_compiles_to_the_same_tokens():
+    model = effllm.quantize(effllm.load_model("tiny"), "int4", group_size=32)
+    ids = torch.randint(0, model.args.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    eager = effllm.generate(model, ids, max_new_tokens=4)
+    assert torch.equal(effllm.generate(model, ids, max_new_tokens=4, compile=True), eager)
