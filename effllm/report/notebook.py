@@ -9,7 +9,6 @@ every DataFrame the notebook shows a readable table (`effllm.report.display`), a
 """
 
 import base64
-import io
 from collections.abc import Callable, Iterable
 from html import escape
 from pathlib import Path
@@ -45,11 +44,10 @@ class Notebook:
         from IPython.display import HTML
         from IPython.display import display as show
 
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        image = results.png(fig)
         plt.close(fig)  # shown once, below, not again by the inline backend
-        atomic_write_bytes(self.figures_dir / f"{name}.png", buf.getvalue())
-        data = base64.b64encode(buf.getvalue()).decode("ascii")
+        atomic_write_bytes(self.figures_dir / f"{name}.png", image)
+        data = base64.b64encode(image).decode("ascii")
         show(
             HTML(
                 f'<figure class="effllm-figure" id="fig-{self.stem}-{name}">'

@@ -80,11 +80,16 @@ def save_meta(results_dir: str | Path, stem: str, meta: dict[str, Any]) -> Path:
     return atomic_write_text(Path(results_dir) / stem / "meta.json", json.dumps(meta, indent=1, default=str))
 
 
-def save_figure(fig: Any, name: str, figures_dir: str | Path, dpi: int = 120) -> Path:
-    """Write a matplotlib figure atomically as `<figures_dir>/<name>.png`."""
+def png(fig: Any, dpi: int = 120) -> bytes:
+    """A matplotlib figure as PNG bytes, cropped to its content."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(Path(figures_dir) / f"{name}.png", buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig: Any, name: str, figures_dir: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure atomically as `<figures_dir>/<name>.png`."""
+    return atomic_write_bytes(Path(figures_dir) / f"{name}.png", png(fig, dpi))
 
 
 def _why_missing(results_dir: Path, stem: str, section: str) -> str:

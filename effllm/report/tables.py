@@ -249,13 +249,6 @@ def smallest_budget(budget: pd.DataFrame, budgets_gib: list[float]) -> dict[str,
     }
 
 
-def learning_curves(demo: pd.DataFrame) -> pd.DataFrame:
-    """The in-process fine-tune's training and held-out losses as curves (config, step, value)."""
-    names = {"loss": "training (micro-batches)", "eval_loss": "held-out"}
-    sel = demo[demo["metric"].isin(names) & (demo["status"] == "ok")]
-    return sel.assign(config=sel["metric"].map(names)).astype({"step": int})[["config", "step", "value"]]
-
-
 def blocks_recomputed(checkpointing: int, n_layers: int) -> int:
     """How many of n_layers blocks recompute their activations when every n-th is checkpointed."""
     return len(range(0, n_layers, checkpointing)) if checkpointing else 0
@@ -369,9 +362,3 @@ def run_curves(results_dir, stems: list[str]) -> pd.DataFrame:
         if found
         else pd.DataFrame(columns=["notebook", "config", "step", "value"])
     )
-
-
-def presence(loaded: dict[str, tuple[pd.DataFrame | None, str]]) -> pd.DataFrame:
-    """Which result sections a summary found: present, or missing with the reason."""
-    status = {name: "present" if df is not None else f"missing: {why}" for name, (df, why) in loaded.items()}
-    return pd.DataFrame({"results": status})
