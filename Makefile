@@ -3,10 +3,14 @@ PROFILE ?= cpu
 ARGS ?=
 VENV := .venv/bin
 
-.PHONY: setup report test lint clean
+.PHONY: setup bench-deps report test lint clean
 
 setup:
 	@bash scripts/setup.sh
+
+# Optional: llama-cpp-python built for this machine (about 5 minutes), the decoding benchmark's anchor.
+bench-deps: setup
+	@bash scripts/bench-deps.sh
 
 report: setup
 	$(VENV)/effllm report --profile $(PROFILE) $(ARGS)

@@ -1,29 +1,42 @@
-"""Weight-only quantization of the blocks' linears onto PyTorch's own CPU kernels, as gpt-fast does.
+"""Weight-only quantization of the blocks' linears onto PyTorch's own kernels, as gpt-fast does.
 
-int8: symmetric per output channel, w = q * s with q in [-128, 127], on `aten._weight_int8pack_mm`.
-int4: asymmetric per group of `group_size` inputs, w = (q - 8) * s + z with q in [0, 15] (the kernel's
-form; z = min + 8 s), on `aten._weight_int4pack_mm_for_cpu`. Activations keep the model's dtype: load the
-model in bf16, for which the CPU kernels are vectorised (in fp32 they are slower than fp32 weights). Only the
-attention and MLP linears of the blocks are quantized; the embedding and the output head stay as they are.
-The quantized weights are buffers, not parameters: a quantized model decodes, it does not train (adapters
-on a frozen 4-bit base are QLoRA's).
+int8: symmetric per output channel, w = q * s with q in [-128, 127], on `aten._weight_int8pack_mm` (CPU;
+on CUDA a cast-and-scale that torch.compile fuses). int4: asymmetric per group of `group_size` inputs,
+w = (q - 8) * s + z with q in [0, 15] (the kernels' form; z = min + 8 s), on
+`aten._weight_int4pack_mm_for_cpu` or CUDA's `aten._weight_int4pack_mm`. q4_1: the int4 kernel fed with
+a GGUF file's own Q4_1 blocks (ggml's w = q d + m is the kernel's form with s = d, z = m + 8 d, groups of
+32): no re-quantization, the weights llama.cpp uses.
+
+Activations keep the model's dtype: load the model in bf16, for which the CPU kernels are vectorised (in
+fp32 they are slower than fp32 weights) and which the CUDA int4 kernel requires. The attention and MLP
+linears of the blocks are quantized; `head="int8"` also gives the output head an int8 copy (the embedding
+lookup keeps its table: it reads a few rows per token). The quantized weights are buffers packed for the
+device they were made on: a quantized model decodes, it does not train (adapters on a frozen 4-bit base
+are QLoRA's). `save` / `load` keep a quantized model in one safetensors file (no pickle).
 """
+
+import json
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from effllm.checks import InputError, choice, integer
+from effllm.checks import ConfigError, InputError, choice, integer
 from effllm.lora import lora_layers
+from effllm.model import Llama, ModelArgs
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "q4_1")
 GROUP_SIZES = (32, 64, 128, 256)
+Q4_1_GROUP = 32  # ggml's Q4_1 block
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FORMAT = "effllm-quantized-1"  # the safetensors metadata of a saved quantized model
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-output-channel symmetric int8: (q (N, K) int8, scales (N,)) with w ~ q * scales[:, None]."""
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w.float() / scales[:, None]).clamp(-128, 127).to(torch.int8)
     return q, scales
 
 
@@ -48,76 +61,313 @@ def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -
     return (q.float() - 8) * s + z
 
 
-class Int8Linear(nn.Module):
+def q4_1_to_int4(q: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """ggml Q4_1 (q (N, K) in [0, 15], d and m (N, K/32)) as the kernel's (q, scales, zeros (K/32, N))."""
+    d, m = d.float(), m.float()
+    return q.to(torch.int32), d.T.contiguous(), (m + 8 * d).T.contiguous()
+
+
+def pack_nibbles(q: Tensor) -> Tensor:
+    """(N, K) values in [0, 15] as (N, K/2) uint8, input 2i in the low nibble: a portable file layout."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen, quantized stand-in for nn.Linear (no bias): what every quantized layer shares."""
+
+    def __init__(self, name: str, in_features: int, out_features: int):
+        super().__init__()
+        self.name, self.in_features, self.out_features = name, in_features, out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise InputError(
+                f"{self.name} is quantized and has no gradients: a quantized model decodes, it does not "
+                "train (fine-tune adapters on a 4-bit base with QLoRA, or train the unquantized model)"
+            )
+        if x.device != self.device:
+            raise InputError(
+                f"{self.name} was quantized for {self.device}, the input is on {x.device}: move the model "
+                "before quantizing (the packed layout is the device's)"
+            )
+        y = self.matmul(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(QuantizedLinear):
     """y = x W^T with W stored as int8 and one scale per output channel."""
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scales = quantize_int8(linear.weight.detach().float())
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scales.to(linear.weight.dtype))
+    def __init__(self, name: str, q: Tensor, scales: Tensor, dtype: torch.dtype):
+        super().__init__(name, q.shape[1], q.shape[0])
+        self.register_buffer("weight", q.to(torch.int8))
+        self.register_buffer("scales", scales.to(dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+    @classmethod
+    def from_linear(cls, name: str, linear: nn.Linear) -> "Int8Linear":
+        return cls(name, *quantize_int8(linear.weight.detach()), linear.weight.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def matmul(self, x: Tensor) -> Tensor:
+        scales = self.scales.to(x.dtype)
+        if x.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, scales)
+        return nn.functional.linear(x, self.weight.to(x.dtype)) * scales  # fused by torch.compile
+
+    def unpack(self) -> dict[str, Tensor]:
+        return {"qweight": self.weight, "scales": self.scales}
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T with W stored as packed int4 and a scale and zero per group of `group_size` inputs."""
+class Int4Linear(QuantizedLinear):
+    """y = x W^T with W as packed int4 and a scale and zero per group of `group_size` inputs."""
 
-    def __init__(self, linear: nn.Linear, group_size: int):
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = (
-            linear.in_features,
-            linear.out_features,
-            group_size,
-        )
-        q, scales, zeros = quantize_int4(linear.weight.detach(), group_size)
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        dtype = linear.weight.dtype
+    def __init__(self, name: str, q: Tensor, scales: Tensor, zeros: Tensor, group_size: int, dtype):
+        super().__init__(name, q.shape[1], q.shape[0])
+        self.group_size, self.packed_on = group_size, q.device
+        self.register_buffer("weight", _pack_for_kernel(name, q))
         self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).to(dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, self.in_features)
+    @classmethod
+    def from_linear(cls, name: str, linear: nn.Linear, group_size: int) -> "Int4Linear":
+        w = linear.weight.detach()
+        return cls(name, *quantize_int4(w, group_size), group_size, w.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def matmul(self, x: Tensor) -> Tensor:
         sz = self.scales_and_zeros.to(x.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, sz)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if x.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm(x, self.weight, self.group_size, sz)
+
+    def unpack(self) -> dict[str, Tensor]:
+        """q (nibble-packed, `pack_nibbles`), scales and zeros: the portable form `save` writes."""
+        if self.weight.device.type != "cpu":
+            raise InputError(
+                f"{self.name}: save a quantized model from the CPU (its int4 layout is portable)"
+            )
+        nibbles = torch.stack([self.weight & 15, self.weight >> 4], dim=-1).flatten()
+        q = torch.empty(self.out_features * self.in_features, dtype=torch.uint8)
+        q[_cpu_layout(self.out_features, self.in_features)] = nibbles
+        scales, zeros = self.scales_and_zeros.unbind(-1)
+        return {
+            "qweight": pack_nibbles(q.reshape(self.out_features, self.in_features)),
+            "scales": scales,
+            "zeros": zeros,
+        }
 
 
-def quantize(model: nn.Module, scheme: str, *, group_size: int | None = None) -> nn.Module:
-    """Replace the blocks' linears of `model` in place by int8 or int4 (group-wise) ones; return it.
+def _cpu_layout(n: int, k: int) -> Tensor:
+    """Where the CPU kernel's packing puts each weight: for nibble j of the packed (N, K/2) buffer, the index
+    into q.flatten() it came from. Found by packing the indices themselves, four bits at a time (the packing
+    moves nibbles, it does not change them), and checked to be a permutation."""
+    index, source = torch.arange(n * k), torch.zeros(n * k, dtype=torch.int64)
+    for shift in range(0, max(1, (n * k - 1).bit_length()), 4):
+        digit = ((index >> shift) & 15).reshape(n, k).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1)
+        source |= torch.stack([packed & 15, packed >> 4], dim=-1).flatten().long() << shift
+    if not torch.equal(source.sort().values, index):
+        raise RuntimeError(f"the CPU int4 packing of ({n}, {k}) is not a permutation of its inputs")
+    return source
 
-    Refused, each with the reason: an unknown scheme or group size, a group size that does not divide a
-    layer's inputs (the layer is named), a model already quantized or carrying LoRA adapters, a device
-    other than the CPU (the CUDA kernels are not wired yet).
-    """
-    choice("scheme", scheme, SCHEMES)
-    if scheme == "int4":
-        choice("group_size", integer("group_size", group_size, minimum=1), GROUP_SIZES)
-    elif group_size is not None:
-        raise InputError("group_size applies to int4 only; int8 has one scale per output channel")
-    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
-        raise InputError("the model is already quantized: load it again to quantize with another scheme")
-    if lora_layers(model):
-        raise InputError("the model carries LoRA adapters: quantize the base before adding adapters")
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        raise InputError(f"weight-only quantization runs on the CPU kernels; the model is on {device}")
-    targets = [
-        (name, module, child)
+
+def _pack_for_kernel(name: str, q: Tensor) -> Tensor:
+    n, k = q.shape
+    if q.device.type == "cpu":
+        if n % 16:
+            raise InputError(f"{name} has {n} outputs: the CPU int4 kernel needs a multiple of 16")
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+    if tiles is None or n % 8:
+        raise InputError(f"{name} is ({n}, {k}): the CUDA int4 kernel needs outputs % 8 and inputs % 32")
+    packed = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)  # the CUDA kernel's input order
+    return torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
+
+
+def targets(model: Llama) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, parent module, attribute) of every block linear, in order."""
+    return [
+        (f"{name}.{child}", module, child)
         for name, module in model.named_modules()
         for child in LINEARS
         if isinstance(getattr(module, child, None), nn.Linear) and name.startswith("layers.")
     ]
+
+
+def _check(model: Llama, scheme: str, group_size, head, blocks) -> torch.device:
+    choice("scheme", scheme, SCHEMES)
+    choice("head", head, (None, "int8"))
     if scheme == "int4":
-        for name, module, child in targets:
-            k = getattr(module, child).in_features
-            if k % group_size:
-                raise InputError(f"{name}.{child} has {k} inputs, not a multiple of group_size {group_size}")
-    for _name, module, child in targets:
+        choice("group_size", integer("group_size", group_size, minimum=1), GROUP_SIZES)
+    elif group_size is not None:
+        fixed = f"Q4_1 has groups of {Q4_1_GROUP}" if scheme == "q4_1" else "int8 has one scale per channel"
+        raise InputError(f"group_size applies to int4 only; {fixed}")
+    if scheme == "q4_1" and blocks is None:
+        raise InputError(
+            "scheme 'q4_1' takes the GGUF file's blocks: effllm.load_model(gguf, quantize='q4_1')"
+        )
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise InputError("the model is already quantized: load it again to quantize with another scheme")
+    if lora_layers(model):
+        raise InputError("the model carries LoRA adapters: quantize the base before adding adapters")
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        raise InputError(
+            "this CPU has neither AVX2 nor AVX-512 (torch reports capability DEFAULT): the int8/int4 "
+            "kernels would run unvectorised, slower than the unquantized model"
+        )
+    if device.type == "cuda" and scheme != "int8" and dtype != torch.bfloat16:
+        raise InputError(
+            f"the CUDA int4 kernel takes bf16 activations; the model is {dtype}: load it in bf16"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"weight-only quantization has CPU and CUDA kernels; the model is on {device}")
+    return device
+
+
+def quantize(
+    model: Llama,
+    scheme: str,
+    *,
+    group_size: int | None = None,
+    head: str | None = None,
+    blocks: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+) -> Llama:
+    """Replace the blocks' linears of `model` in place by quantized ones; return it.
+
+    scheme: "int8", "int4" (with group_size 32, 64, 128 or 256) or "q4_1" (`blocks`: a GGUF file's Q4_1
+    blocks by our tensor name, from `effllm.loading.gguf.q4_1_blocks`; `load_model(..., quantize="q4_1")`
+    passes them). head="int8" gives the output head an int8 copy too. Refused, each with the reason: an
+    unknown scheme or group size, a layer whose size the kernel cannot take (the layer is named), a model
+    already quantized or carrying LoRA adapters, a CPU without AVX2, a device without the kernels.
+    """
+    _check(model, scheme, group_size, head, blocks)
+    layers = targets(model)
+    for name, module, child in layers:
+        k, n = getattr(module, child).in_features, getattr(module, child).out_features
+        if scheme == "int4" and k % group_size:
+            raise InputError(f"{name} has {k} inputs, not a multiple of group_size {group_size}")
+        if scheme == "q4_1" and f"{name}.weight" not in blocks:
+            raise InputError(f"{name}.weight is not stored as Q4_1 in the GGUF file")
+        if scheme != "int8" and n % 16:
+            raise InputError(f"{name} has {n} outputs: the int4 kernels need a multiple of 16")
+    dtype = model.embed.weight.dtype
+    for name, module, child in layers:
         linear = getattr(module, child)
-        setattr(module, child, Int8Linear(linear) if scheme == "int8" else Int4Linear(linear, group_size))
+        if scheme == "int8":
+            layer = Int8Linear.from_linear(name, linear)
+        elif scheme == "int4":
+            layer = Int4Linear.from_linear(name, linear, group_size)
+        else:
+            q, d, m = (t.to(linear.weight.device) for t in blocks[f"{name}.weight"])
+            layer = Int4Linear(name, *q4_1_to_int4(q, d, m), Q4_1_GROUP, dtype)
+        setattr(module, child, layer)
+    if head == "int8":
+        model.lm_head = Int8Linear.from_linear("lm_head", model.lm_head)
     model.requires_grad_(False)
+    group = {"int8": None, "int4": group_size, "q4_1": Q4_1_GROUP}[scheme]
+    model.quantization = {"scheme": scheme, "group_size": group, "head": head}
     return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def save(model: Llama, path: str | Path, *, source: str | None = None) -> Path:
+    """Write a quantized model to one safetensors file (tensors plus the config as metadata), atomically.
+
+    source: where the tokenizer comes from (recorded, so `load_tokenizer(path)` finds it)."""
+    from safetensors.torch import save
+
+    from effllm.files import atomic_write_bytes
+
+    if not is_quantized(model):
+        raise InputError(
+            "save() writes quantized models; save an unquantized one as a Hugging Face directory"
+        )
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            tensors |= {f"{name}.{k}": v.contiguous() for k, v in module.unpack().items()}
+    skip = {
+        f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, QuantizedLinear) for p in ("weight",)
+    }
+    for name, p in model.named_parameters():  # the embedding and the norms (a tied head is listed once)
+        if name not in skip:
+            tensors[name] = p.detach().contiguous()
+    meta = {
+        "format": FORMAT,
+        "args": json.dumps(asdict(model.args)),
+        "quantization": json.dumps(model.quantization),
+        "source": source or "",
+    }
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ConfigError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a quantized effllm model (metadata format {meta.get('format')!r})")
+    return meta
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> Llama:
+    """A quantized model written by `save`, rebuilt for `device` (its dtype is the one it was saved in)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        args = ModelArgs(**json.loads(meta["args"]))
+        setting = json.loads(meta["quantization"])
+        # Copies: the file's tensors are only 8-byte aligned, and the int8 kernel faults on unaligned rows.
+        tensors = {k: v.clone() for k, v in load_file(str(path), device=str(device)).items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: bad quantized-model metadata ({type(e).__name__}: {e})") from e
+    with torch.device("meta"):
+        model = Llama(args)
+    dtype = tensors["embed.weight"].dtype
+    try:
+        for name, module, child in targets(model):
+            t = {
+                k: tensors.pop(f"{name}.{k}")
+                for k in ("qweight", "scales", "zeros")
+                if f"{name}.{k}" in tensors
+            }
+            setattr(module, child, _rebuilt(name, t, setting, dtype))
+        if setting.get("head") == "int8":
+            t = {k: tensors.pop(f"lm_head.{k}") for k in ("qweight", "scales")}
+            model.lm_head = _rebuilt("lm_head", t, {"scheme": "int8"}, dtype)
+    except KeyError as e:
+        raise ConfigError(f"{path}: tensor {e} is missing") from None
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if args.tie_embeddings and isinstance(model.lm_head, nn.Linear):
+        model.lm_head.weight = model.embed.weight
+    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if left:
+        raise ConfigError(f"{path}: tensors missing for {left[:5]}")
+    model.quantization = setting
+    return model.requires_grad_(False).eval()
+
+
+def _rebuilt(name: str, t: dict[str, Tensor], setting: dict, dtype) -> QuantizedLinear:
+    if setting["scheme"] == "int8":
+        return Int8Linear(name, t["qweight"], t["scales"], dtype)
+    q = unpack_nibbles(t["qweight"])
+    return Int4Linear(name, q, t["scales"], t["zeros"], setting["group_size"], dtype)

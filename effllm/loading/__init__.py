@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from effllm import precision
+from effllm import precision, quantization
 from effllm.checks import ConfigError, InputError, integer
 from effllm.device import resolve_device
 from effllm.loading import gguf, hf
@@ -104,7 +104,12 @@ def resolve(source: str | Path) -> tuple[str, Path | None]:
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf", path
-        raise InputError(f"{path}: not a .gguf file nor a Hugging Face directory")
+        if path.suffix == ".safetensors":
+            quantization.read_metadata(path)  # ConfigError unless effllm.quantization.save wrote it
+            return "quantized", path
+        raise InputError(
+            f"{path}: not a .gguf file, a quantized .safetensors file nor a Hugging Face directory"
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
         return "hf", _snapshot(str(source))
     raise FileNotFoundError(
@@ -184,13 +189,31 @@ def load_model(
     device: str = "auto",
     dtype: torch.dtype | str = torch.float32,
     max_seq_len: int | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    head: str | None = None,
 ) -> Llama:
     """Our Llama with weights from source: 'tiny' (random), 'smollm2-135m-instruct', an HF directory, a
-    .gguf path or a cached hub id. dtype: a torch dtype or fp32/bf16/fp16 (float32/bfloat16/float16)."""
+    .gguf path, a quantized .safetensors file (`effllm.quantization.save`) or a cached hub id.
+
+    dtype: a torch dtype or fp32/bf16/fp16 (float32/bfloat16/float16). quantize: "int8", "int4" (with
+    group_size) or "q4_1" (a GGUF file's own Q4_1 blocks, no re-quantization); head="int8" quantizes the
+    output head too (see `effllm.quantization.quantize`)."""
     dtype = model_dtype(dtype)
     if max_seq_len is not None:
         integer("max_seq_len", max_seq_len, minimum=1)
     kind, path = resolve(source)
+    if kind == "quantized":
+        if quantize is not None:
+            raise InputError(
+                f"{path} is already quantized ({quantization.read_metadata(path)['quantization']})"
+            )
+        model = quantization.load(path, device=resolve_device(device))
+        if max_seq_len is not None:
+            model.args.max_seq_len = max_seq_len
+        return model
+    if quantize == "q4_1" and kind != "gguf":
+        raise InputError(f"quantize='q4_1' reads a GGUF file's Q4_1 blocks; {source} is not a .gguf file")
     if kind == "preset":
         model = init_weights(Llama(copy.deepcopy(PRESETS[RANDOM])))  # a copy: max_seq_len may be changed
     else:
@@ -200,7 +223,11 @@ def load_model(
         _fill(model, tensors, str(path))
     if max_seq_len is not None:
         model.args.max_seq_len = max_seq_len
-    return model.to(device=resolve_device(device), dtype=dtype).eval()
+    model = model.to(device=resolve_device(device), dtype=dtype).eval()
+    if quantize is not None:
+        blocks = gguf.q4_1_blocks(path) if quantize == "q4_1" else None
+        quantization.quantize(model, quantize, group_size=group_size, head=head, blocks=blocks)
+    return model
 
 
 def load_tokenizer(source: str | Path = EMBEDDED):
@@ -208,6 +235,13 @@ def load_tokenizer(source: str | Path = EMBEDDED):
     from transformers import AutoTokenizer
 
     kind, path = resolve(source)
+    if kind == "quantized":
+        origin = quantization.read_metadata(path).get("source")
+        if not origin:
+            raise InputError(
+                f"{path} records no tokenizer source: load the tokenizer from the original model"
+            )
+        return load_tokenizer(origin)
     if kind == "preset":
         from effllm.loading.tokenizer import byte_tokenizer
 
@@ -219,9 +253,15 @@ def load_tokenizer(source: str | Path = EMBEDDED):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def load(source: str | Path = EMBEDDED, *, device: str = "auto", dtype: torch.dtype | str = torch.float32):
-    """(model, tokenizer) for source; see load_model and load_tokenizer."""
-    return load_model(source, device=device, dtype=dtype), load_tokenizer(source)
+def load(
+    source: str | Path = EMBEDDED,
+    *,
+    device: str = "auto",
+    dtype: torch.dtype | str = torch.float32,
+    **quantize,
+):
+    """(model, tokenizer) for source; see load_model (and its quantize, group_size, head), load_tokenizer."""
+    return load_model(source, device=device, dtype=dtype, **quantize), load_tokenizer(source)
 
 
 def describe_source(source: str | Path) -> dict:
@@ -229,7 +269,7 @@ def describe_source(source: str | Path) -> dict:
     kind, path = resolve(source)
     if kind == "preset":
         return {"source": str(source), "kind": "preset", "weights": "seeded random (init_weights, seed 0)"}
-    files = [path] if kind == "gguf" else sorted(path.glob("*.safetensors"))
+    files = [path] if kind in ("gguf", "quantized") else sorted(path.glob("*.safetensors"))
     return {
         "source": str(source),
         "kind": kind,

@@ -152,3 +152,37 @@ def read(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
             w = w.reshape(heads, args.head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
         tensors[name] = w
     return args, tensors
+
+
+Q4_1_BLOCK_BYTES = 20  # ggml's block_q4_1: fp16 d, fp16 m, 16 bytes of nibbles for 32 weights
+
+
+def q4_1_blocks(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The block linears stored as Q4_1, as they are: our name -> (q (N, K) uint8 in [0, 15], d, m (N, K/32)),
+    each weight q * d + m. Rows of q and k are un-permuted as in `read` (whole rows move: groups stay)."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    heads = {}
+    for key, kv in (("attn_q", "llama.attention.head_count"), ("attn_k", "llama.attention.head_count_kv")):
+        field = reader.fields.get(kv) or reader.fields.get("llama.attention.head_count")
+        heads[key] = int(field.contents())
+    out = {}
+    for t in reader.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_1 or not t.name.startswith("blk."):
+            continue
+        raw = np.asarray(t.data, dtype=np.uint8)
+        n = raw.shape[0]
+        blocks = raw.reshape(n, -1, Q4_1_BLOCK_BYTES)  # (N, K/32, 20)
+        d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0])
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0])
+        nibbles = torch.from_numpy(blocks[..., 4:].copy())  # (N, K/32, 16): weights j and j + 16
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).reshape(n, -1)
+        kind = t.name.split(".")[2]
+        if kind in heads:  # undo llama.cpp's rotary interleave, on whole rows
+            head_dim = n // heads[kind]
+            undo = lambda x: x.reshape(heads[kind], head_dim // 2, 2, -1).transpose(1, 2).reshape(x.shape)  # noqa: B023
+            q, d, m = undo(q), undo(d), undo(m)
+        out[_our_name(t.name, path)] = (q, d, m)
+    return out
