@@ -244,10 +244,12 @@ def test_sigint_mid_notebook_leaves_it_interrupted_and_only_failed_reruns_it(tmp
         text=True,
     )
     deadline = time.monotonic() + 120
-    while not (run_json.exists() and status("02_fails") == "running"):
+    sleeping = tmp_path / "smoke" / "02_fails.sleeping"  # the fixture's marker: it is in its sleep now
+    while not sleeping.exists():
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
         time.sleep(0.2)
-    time.sleep(4)  # inside the notebook's sleep
+    time.sleep(1)
+    assert status("02_fails") == "running"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
