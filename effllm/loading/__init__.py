@@ -202,6 +202,8 @@ def load_model(
     dtype = model_dtype(dtype)
     if max_seq_len is not None:
         integer("max_seq_len", max_seq_len, minimum=1)
+    if quantize is None and (group_size, head) != (None, None):
+        raise InputError("group_size and head choose how to quantize: pass quantize='int8', 'int4' or 'q4_1'")
     kind, path = resolve(source)
     if kind == "quantized":
         if quantize is not None:

@@ -192,6 +192,8 @@ def test_gradients_through_quantized_weights_are_refused():
 def test_q4_1_needs_a_gguf_and_a_cpu_without_avx2_is_refused(monkeypatch):
     with pytest.raises(InputError, match="not a .gguf file"):
         effllm.load_model("tiny", quantize="q4_1")
+    with pytest.raises(InputError, match="pass quantize="):
+        effllm.load_model("tiny", group_size=32)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     with pytest.raises(InputError, match="neither AVX2 nor AVX-512"):
         effllm.quantize(effllm.load_model("tiny"), "int8")
