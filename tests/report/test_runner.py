@@ -242,6 +242,8 @@ def test_sigint_mid_notebook_leaves_it_interrupted_and_only_failed_reruns_it(tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # An ignored SIGINT is inherited: under the full suite the child must get Python's default handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     sleeping = tmp_path / "smoke" / "02_fails.sleeping"  # the fixture's marker: it is in its sleep now
