@@ -84,6 +84,10 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.name, self.in_features, self.out_features = name, in_features, out_features
 
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device  # every quantized layer stores its packed weight as `weight`
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise InputError(
@@ -111,10 +115,6 @@ class Int8Linear(QuantizedLinear):
     def from_linear(cls, name: str, linear: nn.Linear) -> "Int8Linear":
         return cls(name, *quantize_int8(linear.weight.detach()), linear.weight.dtype)
 
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
     def matmul(self, x: Tensor) -> Tensor:
         scales = self.scales.to(x.dtype)
         if x.device.type == "cpu":
@@ -138,10 +138,6 @@ class Int4Linear(QuantizedLinear):
     def from_linear(cls, name: str, linear: nn.Linear, group_size: int) -> "Int4Linear":
         w = linear.weight.detach()
         return cls(name, *quantize_int4(w, group_size), group_size, w.dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
 
     def matmul(self, x: Tensor) -> Tensor:
         sz = self.scales_and_zeros.to(x.dtype)
