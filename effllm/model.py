@@ -343,6 +343,21 @@ def param_bytes(model: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def weight_read_bytes(model: Llama) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer (a quantized layer's codes and
+    scales) but the KV cache, and the embedding table only when it is also the head (a lookup reads a row)."""
+    skip = {
+        id(t)
+        for layer in model.layers
+        if layer.attn.kv_cache is not None
+        for t in layer.attn.kv_cache.buffers()
+    }
+    if getattr(model.lm_head, "weight", None) is not model.embed.weight:
+        skip.add(id(model.embed.weight))
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in skip}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def kv_cache_bytes(args: ModelArgs, batch_size: int, length: int, dtype: torch.dtype = torch.float32) -> int:
     """KV cache bytes for (batch, length): 2 (K, V) x layers x batch x length x kv heads x head_dim."""
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -60,6 +60,12 @@ def main(run: Path) -> None:
     }
     print(markdown(finetune, {k: f for k, f in columns.items() if k in finetune}))
     print("\n" + "\n".join(findings.technique_changes(finetune)))
+    ladder, _ = results.try_load(run / "results", "07_quantization", "ladder")
+    if ladder is not None:
+        quality, _ = results.try_load(run / "results", "07_quantization", "quality")
+        summary = tables.ladder_summary(ladder, quality)
+        print()
+        print(markdown(summary, {c: ".2f" if c.endswith("pct") else ".1f" for c in summary.columns}))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from effllm.bench.rows import result_rows, row
 from effllm.decoding import decode_step, prefill, stream
 from effllm.device import resolve_device, sync
 from effllm.loading import to_transformers
-from effllm.model import Llama, kv_cache_bytes, param_bytes
+from effllm.model import Llama, kv_cache_bytes, weight_read_bytes
 from effllm.precision import DTYPES, dtype
 
 
@@ -27,26 +27,37 @@ def prompts(vocab_size: int, batch_size: int, prompt_len: int, seed: int = 0) ->
     return torch.randint(3, vocab_size, (batch_size, prompt_len), generator=gen)
 
 
-def timed_generate(model, ids: torch.Tensor, *, impl: str, new_tokens: int, use_cache: bool) -> dict:
-    """One generation of exactly new_tokens tokens: prefill_s (to the first token) and decode_s (the rest)."""
+def timed_generate(
+    model, ids: torch.Tensor, *, impl: str, new_tokens: int, use_cache: bool, compile: bool = False
+) -> dict:
+    """One generation of exactly new_tokens tokens: prefill_s (to the first token), decode_s (the rest) and
+    the first sequence's new tokens."""
     sync(ids.device)
     t0 = time.perf_counter()
     if impl == "ours":
-        steps = stream(model, ids, max_new_tokens=new_tokens, use_cache=use_cache)
-        next(steps)
+        steps = stream(model, ids, max_new_tokens=new_tokens, use_cache=use_cache, compile=compile)
+        tokens = [next(steps)]
         sync(ids.device)
         t1 = time.perf_counter()
-        for _ in steps:
-            pass
+        tokens += list(steps)
         sync(ids.device)
-        return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+        first = [int(t[0]) for t in tokens]
+        return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1, "tokens": first}
     kw = dict(do_sample=False, use_cache=use_cache, eos_token_id=None, pad_token_id=0)
     model.generate(ids, max_new_tokens=1, **kw)  # transformers reports no split: time the first token alone
     sync(ids.device)
     t1 = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
     sync(ids.device)
-    return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1 - (t1 - t0)}
+    first = out[0, ids.shape[1] :].tolist()
+    return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1 - (t1 - t0), "tokens": first}
+
+
+def _compiled_transformers(net):
+    """transformers' recipe for fast decoding: a static cache and a torch.compile'd forward."""
+    net.generation_config.cache_implementation = "static"
+    net.forward = torch.compile(net.forward, fullgraph=True)
+    return net
 
 
 def decode_metrics(
@@ -61,33 +72,65 @@ def decode_metrics(
     dtype_name: str = "fp32",
     device: str = "cpu",
     seed: int = 0,
+    compile: bool = False,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    head: str | None = None,
 ) -> dict:
-    """Time one configuration (meant for `measure.isolated`): tokens/s, runtime spread, prefill/decode."""
+    """Time one configuration (meant for `measure.isolated`): tokens/s, runtime spread, prefill/decode.
+
+    compile: our static-cache compiled decode step, or transformers' static cache and compiled forward;
+    the warm-up then generates the full length (it compiles), timed as first_call_s, and compile_s is
+    what it took beyond a timed run. quantize, group_size, head: as `effllm.load_model` (ours only).
+    decode_tokens_per_s counts the tokens after the first; read_bytes_per_token is what one decode step
+    reads (weights and the KV cache it attends over) divided by the batch."""
     if impl not in ("ours", "transformers"):
         raise ValueError(f"impl must be 'ours' or 'transformers', got {impl!r}")
+    if impl == "transformers" and quantize is not None:
+        raise ValueError("quantize applies to our Llama: transformers' path runs the unquantized weights")
+    if compile and not use_cache:
+        raise ValueError("compile needs use_cache: the compiled step decodes from a static cache")
     device, weights = resolve_device(device), dtype(dtype_name)
-    net = effllm.load_model(model, device=device, dtype=weights)
+    net = effllm.load_model(
+        model, device=device, dtype=weights, quantize=quantize, group_size=group_size, head=head
+    )
+    read_bytes = weight_read_bytes(net)
     cache_bytes = kv_cache_bytes(net.args, batch_size, prompt_len + new_tokens, weights) if use_cache else 0
+    attended = (
+        cache_bytes
+        if compile
+        else kv_cache_bytes(net.args, batch_size, prompt_len + new_tokens // 2, weights)
+    )
     ids = prompts(net.args.vocab_size, batch_size, prompt_len, seed).to(device)
     if impl == "transformers":
         net = to_transformers(net)
-    run = lambda n: timed_generate(net, ids, impl=impl, new_tokens=n, use_cache=use_cache)
+        if compile:
+            net = _compiled_transformers(net)
+    run = lambda n: timed_generate(net, ids, impl=impl, new_tokens=n, use_cache=use_cache, compile=compile)
     splits: list[dict] = []
     with measure.peak_window(device) as peak:  # the window starts with the weights resident
-        run(2)  # warm-up, excluded
+        t0 = time.perf_counter()
+        run(new_tokens if compile else 2)  # warm-up, excluded; compiled: the shapes of the timed runs
+        first_call_s = time.perf_counter() - t0
         timing = measure.time_fn(
             lambda: splits.append(run(new_tokens)), device=device, warmup=0, repeats=repeats
         )
     median = lambda key: sorted(s[key] for s in splits)[len(splits) // 2]
+    decode_s = median("decode_s")
     return {
         "runtime_s": timing["median_s"],
         "runtime_min_s": timing["min_s"],
         "runtime_max_s": timing["max_s"],
         "tokens_per_s": batch_size * new_tokens / timing["median_s"],
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s if new_tokens > 1 else None,
         "prefill_s": median("prefill_s"),
-        "decode_s": median("decode_s"),
-        "weights_bytes": param_bytes(net),
+        "decode_s": decode_s,
+        "first_call_s": first_call_s,
+        "compile_s": first_call_s - timing["median_s"] if compile else None,
+        "weights_bytes": read_bytes,
+        "read_bytes_per_token": (read_bytes + (attended if use_cache else 0)) / batch_size,
         "kv_cache_bytes": cache_bytes,
+        "tokens": splits[-1]["tokens"],
         **peak,
     }
 

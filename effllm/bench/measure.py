@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from effllm.checks import InputError
 from effllm.device import is_oom, sync
 
 
@@ -134,7 +135,9 @@ def step_times(records: list[dict], *, warmup_steps: int = 1) -> dict:
 def isolated(target: str, kwargs: dict, *, timeout: float | None = None) -> dict:
     """Run `module:function(**kwargs)` in a fresh Python process; its result dict plus status and peak RSS.
 
-    A crash or an out-of-memory kill becomes {"status": "oom" | "error", "reason": ...}, never an exception.
+    A crash or an out-of-memory kill becomes {"status": "oom" | "error", "reason": ...}, never an exception;
+    a configuration refused as bad input (`checks.InputError`: a scheme this CPU lacks the kernels for, a
+    GGUF-only path on another model) is "unsupported".
     """
     cmd = [sys.executable, "-m", "effllm.bench.measure", target, json.dumps(kwargs)]
     try:
@@ -157,7 +160,8 @@ def _child(target: str, kwargs_json: str) -> None:
     try:
         result = {"status": "ok", "reason": "", **fn(**json.loads(kwargs_json))}
     except Exception as exc:  # a failed configuration is a result row, not a crash
-        result = {"status": "oom" if is_oom(exc) else "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
+        status = "oom" if is_oom(exc) else "unsupported" if isinstance(exc, InputError) else "error"
+        result = {"status": status, "reason": f"{type(exc).__name__}: {exc}"[:500]}
     result.setdefault("baseline_rss_bytes", base)
     result.setdefault("peak_rss_bytes", peak_rss_bytes())
     print(json.dumps(result), flush=True)

@@ -13,15 +13,16 @@ COLUMNS = ("metric", "value", "unit", "status", "reason")
 LEDGER_TERMS = ("parameters", "gradients", "optimizer_state", "activations", "weight_copies", "logits")
 
 _UNITS = {
-    "s": "runtime_s runtime_min_s runtime_max_s prefill_s decode_s step_s micro_step_s backward_s",
+    "s": "runtime_s runtime_min_s runtime_max_s prefill_s decode_s step_s micro_step_s backward_s "
+    "first_call_s compile_s",
     "B": "weights_bytes kv_cache_bytes peak_rss_bytes baseline_rss_bytes added_rss_bytes "
     "peak_allocated_bytes "
-    "peak_reserved_bytes peak_bytes peak_live_bytes predicted_total_bytes",
-    "tokens/s": "tokens_per_s bandwidth_limit_tokens_per_s linear_limit_tokens_per_s",
+    "peak_reserved_bytes peak_bytes peak_live_bytes predicted_total_bytes read_bytes_per_token",
+    "tokens/s": "tokens_per_s decode_tokens_per_s bandwidth_limit_tokens_per_s linear_limit_tokens_per_s",
     "B/s": "read_bandwidth linear_read_bandwidth",
     "FLOP/s": "matmul_flop_s achieved_flop_s",
     "FLOP": "flops_per_token",
-    "fraction": "fraction_of_limit fraction_of_linear_limit lost_update_share mfu",
+    "fraction": "fraction_of_limit fraction_of_linear_limit lost_update_share mfu top1_agreement",
     "nats": "loss eval_loss final_loss",
     "count": "trainable_params total_params truncated_examples",
     "%": "trainable_pct",
@@ -30,6 +31,8 @@ _UNITS = {
     "x": "step_s_ratio added_rss_bytes_ratio peak_allocated_bytes_ratio",
     "grad": "max_abs_error max_abs_grad",
     "ratio": "relative_error",
+    "perplexity": "perplexity",
+    "abs diff": "max_abs_diff",
     "bool": "tokens_identical",
     "step": "first_divergence_step",
     "logit": "max_logit_diff peft_max_abs_diff round_trip_max_abs_diff logit_abs_max adapter_effect_max_abs",

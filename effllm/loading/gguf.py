@@ -186,3 +186,13 @@ def q4_1_blocks(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch
             q, d, m = undo(q), undo(d), undo(m)
         out[_our_name(t.name, path)] = (q, d, m)
     return out
+
+
+def storage_types(path: Path) -> dict[str, int]:
+    """How a GGUF file stores its weights: ggml type name (Q4_1, Q8_0, F32, ...) -> number of weights."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return counts

@@ -67,6 +67,17 @@ LABELS = {
     "normalisation": "Normalisation",
     "results": "Results",
     "this run": "This run",
+    "decode_tokens_per_s": "Decode tokens/s",
+    "read_mb_per_token": "Read per token (MB)",
+    "roof_tokens_per_s": "Bandwidth roof (tokens/s)",
+    "share_of_roof_pct": "Share of the roof (%)",
+    "compile_s": "Compile (s)",
+    "perplexity": "Held-out perplexity",
+    "perplexity_change_pct": "Perplexity vs fp32 (%)",
+    "top1_agreement_pct": "Top-1 agreement with fp32 (%)",
+    "path": "Path",
+    "kernel": "Kernel",
+    "length": "Length (tokens)",
 }
 BOOLEAN = {"tokens_identical", "lora"}  # 0/1 columns that mean no/yes
 UNITS = [  # a name's suffix -> the unit its header shows (for names not in LABELS)

@@ -90,13 +90,18 @@ def technique_changes(finetune: pd.DataFrame, only_differing: bool = False) -> l
     return lines
 
 
-def decoding_model(model, source: str, device: str, dtype: str) -> str:
-    """One line naming the decoding notebook's model, its shape and where it runs."""
+def model_line(model, source: str, device: str) -> str:
+    """The model a notebook measures, its shape and where it runs."""
     a, n = model.args, sum(p.numel() for p in model.parameters())
     return (
         f"**Model** `{source}` ({a.n_layers} layers, {a.n_heads} query / {a.n_kv_heads} key-value heads, "
-        f"{n / 1e6:,.1f}M parameters) on **{device}**, {dtype}. The analytic ledger:"
+        f"{n / 1e6:,.1f}M parameters) on **{device}**"
     )
+
+
+def decoding_model(model, source: str, device: str, dtype: str) -> str:
+    """One line naming the decoding notebook's model, its shape and where it runs."""
+    return f"{model_line(model, source, device)}, {dtype}. The analytic ledger:"
 
 
 def kv_cache_table(inference: pd.DataFrame) -> str:
@@ -703,3 +708,123 @@ def failed(rows: pd.DataFrame, columns: list[str]) -> str:
         for _, r in bad.iterrows()
     ]
     return "Did not run:\n\n" + "\n".join(lines)
+
+
+def quantization_model(model, source: str, storage: dict[str, int] | None, device: str) -> str:
+    """What the ladder decodes, and what "fp32" means when the file itself stores quantized weights."""
+    text = model_line(model, source, device) + "."
+    if storage:
+        total = sum(storage.values())
+        kinds = ", ".join(f"{k} {n / total:.0%}" for k, n in sorted(storage.items(), key=lambda kv: -kv[1]))
+        text += (
+            f"\n\nThe GGUF file stores its weights as {kinds} (share of the weights). Every path loads those "
+            "stored values: **fp32 is the file's weights dequantised**, the reference every other path is "
+            "compared with. The int4 path from Q4_1 hands the file's own 4-bit blocks to the kernel "
+            "unchanged; int8 and int4 g32/g64 quantise the dequantised weights again."
+        )
+    return text
+
+
+def _ok(table: pd.DataFrame, column: str) -> pd.Series:
+    return table[column].dropna() if column in table else pd.Series(dtype=float)
+
+
+def ladder(table: pd.DataFrame, ladder_rows: pd.DataFrame) -> str:
+    """The ladder's headline comparisons, from the table of `tables.ladder_table`."""
+    speed = _ok(table, "decode_tokens_per_s")
+    if speed.empty:
+        return "No path of the ladder ran (see the failures below)."
+    ours = speed[[p in LADDER_PATHS for p in speed.index.get_level_values("path")]]
+    lines = []
+    for batch in sorted(speed.index.get_level_values("batch").unique()):
+        mine = ours.xs(batch, level="batch")
+        if mine.empty:
+            continue
+        best = mine.idxmax()
+        line = f"At batch {batch} our fastest path is **{best}** at {mine.max():,.1f} tokens/s"
+        anchors = speed.xs(batch, level="batch")
+        for anchor in ("llama.cpp", "transformers fp32"):
+            if anchor in anchors:
+                line += f", **{mine.max() / anchors[anchor]:.2f}x** {anchor} ({anchors[anchor]:,.1f})"
+        lines.append(line + ".")
+    cpp = ladder_rows[(ladder_rows["path"] == "llama.cpp") & (ladder_rows["status"] != "ok")]
+    if len(cpp) and (ladder_rows["path"] == "llama.cpp").sum() == len(cpp):
+        lines.append(f"llama.cpp did not run: {cpp['reason'].iloc[0]}")
+    share = _ok(table, "share_of_roof_pct")
+    for path in ("bf16 compiled", "int4 from Q4_1", "int4 g32"):
+        if (path, 1) in share.index:
+            lines.append(
+                f"{path} at batch 1 reads its weights at **{share[path, 1]:.0f}%** of the bandwidth roof."
+            )
+    same = _ok(table, "tokens_identical")
+    if ("fp32 compiled", 1) in same.index:
+        word = (
+            "the same tokens as"
+            if all(same.xs("fp32 compiled", level="path"))
+            else "**different tokens** from"
+        )
+        lines.append(f"The compiled fp32 decode gives {word} the eager one.")
+    compile_s = _ok(table, "compile_s")
+    if len(compile_s):
+        lines.append(
+            f"Compiling costs {compile_s.min():.0f} to {compile_s.max():.0f} s per path and batch size, once "
+            "(the inductor cache keeps it for the next run)."
+        )
+    return " ".join(lines)
+
+
+LADDER_PATHS = (
+    "fp32",
+    "bf16",
+    "fp32 compiled",
+    "bf16 compiled",
+    "int8",
+    "int4 g64",
+    "int4 g32",
+    "int4 from Q4_1",
+)
+
+
+def quality(qtable: pd.DataFrame) -> str:
+    """How far each path's perplexity moves from fp32, and how often its top token agrees."""
+    if "perplexity_change_pct" not in qtable:
+        return "fp32 did not run, so nothing is compared with it."
+    change = qtable["perplexity_change_pct"].drop("fp32", errors="ignore").dropna()
+    if change.empty:
+        return "Only fp32 ran."
+    worst = change.abs().idxmax()
+    parts = [f"{p} {v:+.2f}%" for p, v in change.items()]
+    text = (
+        f"Held-out perplexity against fp32 ({qtable.loc['fp32', 'perplexity']:.3f}): {', '.join(parts)}; the "
+        f"largest change is **{worst}'s {change[worst]:+.2f}%**."
+    )
+    if "top1_agreement_pct" in qtable:
+        agree = qtable["top1_agreement_pct"].drop("fp32", errors="ignore").dropna()
+        text += (
+            f" On fp32's own greedy continuation the top-1 token agrees with fp32's at {agree.min():.1f}% to "
+            f"{agree.max():.1f}% of the positions."
+        )
+    return text
+
+
+def attention(times: pd.DataFrame, peaks: pd.DataFrame) -> str:
+    """Flash and the plain math against sdpa math at the longest length where both ran."""
+    lines = []
+    for batch in sorted(times.index.get_level_values("batch").unique()):
+        t, p = times.xs(batch, level="batch"), peaks.xs(batch, level="batch")
+        for kernel in [k for k in t.columns if k != "sdpa math"]:
+            both = t[["sdpa math", kernel]].dropna() if "sdpa math" in t else pd.DataFrame()
+            if both.empty:
+                continue
+            n = both.index.max()
+            ratio = both.loc[n, "sdpa math"] / both.loc[n, kernel]
+            mem = p.loc[n, kernel] / p.loc[n, "sdpa math"]
+            lines.append(
+                f"At batch {batch} and {n} tokens, {kernel} runs {_speed(ratio)} than sdpa math with "
+                f"{mem:.2g}x its peak memory."
+            )
+    return " ".join(lines) if lines else "No kernel ran beside sdpa math."
+
+
+def _speed(ratio: float) -> str:
+    return f"**{ratio:.2f}x faster**" if ratio >= 1 else f"**{1 / ratio:.2f}x slower**"

@@ -154,12 +154,40 @@ def accumulation(results_dir: Path) -> str:
     return text + "."
 
 
+def quantization(results_dir: Path) -> str:
+    rows = _load(results_dir, "07_quantization", "ladder")
+    speed = rows[(rows["metric"] == "decode_tokens_per_s") & (rows["status"] == "ok")].astype({"batch": int})
+    ours = speed[speed["impl"] == "ours"]
+    if ours.empty:
+        raise Missing("no path of the decoding ladder ran")
+    parts = []
+    for batch, group in ours.groupby("batch"):
+        best = group.loc[group["value"].idxmax()]
+        text = f"at batch {batch} the fastest path, {best['path']}, decodes {best['value']:,.1f} tokens/s"
+        for anchor in ("fp32", "llama.cpp", "transformers fp32"):
+            other = speed[(speed["path"] == anchor) & (speed["batch"] == batch)]
+            if len(other) and anchor != best["path"]:
+                text += f", **{best['value'] / other['value'].iloc[0]:.2f}x** {anchor}"
+        parts.append(text)
+    quality, _ = results.try_load(results_dir, "07_quantization", "quality")
+    if quality is not None:
+        ppl = quality[(quality["metric"] == "perplexity") & (quality["status"] == "ok")].set_index("path")[
+            "value"
+        ]
+        if "fp32" in ppl and len(ppl) > 1:
+            change = {p: 100 * (v / ppl["fp32"] - 1) for p, v in ppl.drop("fp32").items()}
+            worst = max(change, key=lambda p: abs(change[p]))
+            parts.append(f"held-out perplexity moves at most {change[worst]:+.2f}% from fp32 ({worst})")
+    return "; ".join(parts) + "."
+
+
 HEADLINES: dict[str, tuple[str, Callable[[Path], str]]] = {
     "01_kv_cache": ("KV caching", kv_cache),
     "02_lora": ("LoRA", lora),
     "03_amp": ("Mixed precision", amp),
     "04_checkpointing": ("Activation checkpointing", checkpointing),
     "05_accumulation": ("Gradient accumulation", accumulation),
+    "07_quantization": ("Fast decoding", quantization),
 }
 
 
@@ -196,7 +224,7 @@ def not_run(results_dir: str | Path) -> str:
 
 
 def _configs(rows: pd.DataFrame) -> str:
-    for col in ("config", "dtype", "stack"):
+    for col in ("config", "path", "kernel", "dtype", "stack"):
         if col in rows:
             names = [str(v) for v in rows[col].dropna().unique()]
             if names:

@@ -176,3 +176,48 @@ def learning_curve(curves: pd.DataFrame, *, title: str = "", window: int = 5) ->
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def roofline(table: pd.DataFrame, bandwidth: float) -> Figure:
+    """Decode tokens/s against bytes read per token (log-log), one marker per path and batch, under the
+    memory-bandwidth roof tokens/s = bandwidth / bytes per token."""
+    data = table.reset_index().dropna(subset=["decode_tokens_per_s", "read_mb_per_token"])
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    sns.scatterplot(
+        data=data, x="read_mb_per_token", y="decode_tokens_per_s", hue="path", style="batch", s=70, ax=ax
+    )
+    lo, hi = data["read_mb_per_token"].min() / 1.5, data["read_mb_per_token"].max() * 1.5
+    xs = [lo * (hi / lo) ** (i / 50) for i in range(51)]
+    ax.plot(xs, [bandwidth / (x * 1e6) for x in xs], color="0.3", lw=1.2, ls="--")
+    ax.annotate(
+        f"roof: {bandwidth / 1e9:.0f} GB/s read",
+        (xs[5], bandwidth / (xs[5] * 1e6)),
+        fontsize=9,
+        xytext=(6, 4),
+        textcoords="offset points",
+        color="0.3",
+    )
+    ax.set(xscale="log", yscale="log", xlabel="bytes read per generated token (MB)", ylabel="decode tokens/s")
+    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attention_times(attention: pd.DataFrame) -> Figure:
+    """Prefill attention time against sequence length per kernel, one panel per batch size (log-log)."""
+    data = attention[(attention["metric"] == "runtime_s") & (attention["status"] == "ok")]
+    g = sns.relplot(
+        data=data,
+        x="length",
+        y="value",
+        hue="kernel",
+        col="batch",
+        kind="line",
+        marker="o",
+        height=3.2,
+        aspect=1.1,
+    )
+    g.set(xscale="log", yscale="log")
+    g.set_axis_labels("sequence length (tokens)", "prefill attention (s)")
+    g.set_titles("batch {col_name}")
+    return g.figure

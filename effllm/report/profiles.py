@@ -56,6 +56,19 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "peak_lengths": [],
         },
         "05_accumulation": {"max_len": 512, "micro_batches": [4, 1], "steps": 2},
+        "07_quantization": {  # what the toy model and any CPU with AVX2 can run: no GGUF, no llama.cpp
+            "paths": ["fp32", "fp32 compiled", "int8", "int4 g32"],
+            "anchors": ["transformers fp32"],
+            "batch_sizes": [1, 2],
+            "prompt_len": 8,
+            "new_tokens": 8,
+            "repeats": 1,
+            "eval_examples": 4,
+            "agree_tokens": 8,
+            "attention_kernels": ["sdpa math", "sdpa flash", "model.py math"],
+            "attention_batch_sizes": [1],
+            "attention_lengths": [64, 128],
+        },
     },
     "gpu": {  # one CUDA GPU and the reference settings; the model must be given with --model PATH_OR_HUB_ID
         "common": {"model": None, "device": "cuda"},
@@ -97,6 +110,13 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
             "steps": 12,
             "effective_batch": 16,
             "micro_batches": [16, 8, 4, 2, 1],
+        },
+        "07_quantization": {  # Q4_1 needs a GGUF file and llama.cpp the CPU: those rows say so
+            "repeats": 5,
+            "new_tokens": 128,
+            "attention_batch_sizes": [1, 8],
+            "attention_lengths": [128, 256, 512, 1024, 2048, 4096, 8192],
+            "max_scores_gb": 64.0,
         },
     },
 }

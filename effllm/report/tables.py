@@ -362,3 +362,65 @@ def run_curves(results_dir, stems: list[str]) -> pd.DataFrame:
         if found
         else pd.DataFrame(columns=["notebook", "config", "step", "value"])
     )
+
+
+def ladder_table(ladder: pd.DataFrame, bandwidth: float) -> pd.DataFrame:
+    """07_quantization's ladder by path x batch: decode tokens/s, speed against fp32 and against the
+    roofline (bandwidth / bytes read per token), compile time, peak memory and token identity."""
+    idx = ["path", "batch"]
+    df = ladder.astype({"batch": int})
+    speed = metric(df, "decode_tokens_per_s", idx)
+    per_token = metric(df, "read_bytes_per_token", idx)
+    fp32 = speed.xs("fp32", level="path") if "fp32" in speed.index.get_level_values("path") else None
+    out = pd.DataFrame(
+        {
+            "decode_tokens_per_s": speed,
+            "speed_vs_fp32": speed / speed.index.get_level_values("batch").map(fp32)
+            if fp32 is not None
+            else None,
+            "read_mb_per_token": per_token / 1e6,
+            "roof_tokens_per_s": bandwidth / per_token,
+            "share_of_roof_pct": 100 * speed * per_token / bandwidth,
+            "compile_s": metric(df, "compile_s", idx),
+            "peak_memory_mb": metric(df, peak_memory_metric(df), idx) / 1e6,
+            "tokens_identical": metric(df, "tokens_identical", idx).astype(bool),
+        }
+    )
+    order = list(dict.fromkeys(df["path"]))
+    out = out.reindex(
+        pd.MultiIndex.from_tuples(sorted(out.index, key=lambda k: (order.index(k[0]), k[1])), names=idx)
+    )
+    return out.dropna(axis=1, how="all")
+
+
+def quality_table(quality: pd.DataFrame) -> pd.DataFrame:
+    """Each path's weights against fp32: held-out perplexity and its change, top-1 agreement, logit gap."""
+    out = wide(quality, "path")
+    if "fp32" in out.index:
+        out.insert(1, "perplexity_change_pct", 100 * (out["perplexity"] / out.loc["fp32", "perplexity"] - 1))
+    if "top1_agreement" in out:
+        out["top1_agreement"] *= 100
+    return out.rename(columns={"top1_agreement": "top1_agreement_pct"})
+
+
+def attention_table(attention: pd.DataFrame, metric_name: str = "runtime_s") -> pd.DataFrame:
+    """One attention metric by batch x length, one column per kernel (NaN where it did not run)."""
+    df = attention.astype({"batch": int, "length": int})
+    sel = df[(df["metric"] == metric_name) & (df["status"] == "ok")]
+    return sel.pivot_table(index=["batch", "length"], columns="kernel", values="value", sort=False)
+
+
+def ladder_summary(ladder: pd.DataFrame, quality: pd.DataFrame | None) -> pd.DataFrame:
+    """The decoding ladder in one row per path: decode tokens/s per batch size, and (ours) the held-out
+    perplexity's change from fp32."""
+    df = ladder.astype({"batch": int})
+    speed = metric(df, "decode_tokens_per_s", ["path", "batch"]).unstack("batch")
+    speed.columns = [f"batch {b} (tokens/s)" for b in speed.columns]
+    speed = speed.reindex([p for p in dict.fromkeys(df["path"]) if p in speed.index])
+    if quality is not None and (quality["metric"] == "perplexity").any():
+        change = quality_table(quality).get("perplexity_change_pct")
+        if change is not None:
+            speed["perplexity_change_pct"] = change.reindex(
+                [p.removesuffix(" compiled") for p in speed.index]
+            ).to_numpy()
+    return speed

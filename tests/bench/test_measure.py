@@ -22,6 +22,12 @@ def crash_config() -> dict:
     raise ValueError("unsupported dtype: float8")
 
 
+def refused_config() -> dict:
+    from effllm.checks import InputError
+
+    raise InputError("this CPU has neither AVX2 nor AVX-512")
+
+
 def test_time_fn_excludes_warmup_and_reports_spread():
     calls = []
     t = measure.time_fn(lambda: calls.append(1), warmup=2, repeats=3)
@@ -64,6 +70,8 @@ def test_out_of_memory_becomes_a_result_not_a_crash():
 def test_other_failures_keep_their_reason():
     res = measure.isolated("tests.bench.test_measure:crash_config", {})
     assert res["status"] == "error" and "float8" in res["reason"]
+    refused = measure.isolated("tests.bench.test_measure:refused_config", {})
+    assert refused["status"] == "unsupported" and "AVX2" in refused["reason"]
 
 
 def test_machine_ceilings_are_positive_and_plausible():
