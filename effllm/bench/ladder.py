@@ -271,3 +271,48 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def step_profile(
+    *,
+    model: str,
+    path: str,
+    head: str | None,
+    prompt_len: int,
+    new_tokens: int,
+    device: str = "cpu",
+    top: int = 8,
+) -> list[dict]:
+    """Where one path's decode time goes: the profiler's self time per generated token of its `top` ops
+    (the compiled graph's own fused kernels: "inductor's generated kernels"), the rest summed as "other".
+    The profiler adds overhead of its own, so read the shares rather than the totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from effllm.bench.decode import timed_generate
+
+    kw = {k: v for k, v in settings(path, head).items() if k != "impl"}
+    compile = kw.pop("compile", False)
+    net = effllm.load_model(model, device=device, dtype=kw.pop("dtype_name"), **kw)
+    ids = prompts(net.args.vocab_size, 1, prompt_len).to(device)
+    run = lambda: timed_generate(
+        net, ids, impl="ours", new_tokens=new_tokens, use_cache=True, compile=compile
+    )
+    run()  # warm-up (compiles)
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        run()
+    events = prof.key_averages()
+    times = sorted(
+        ((e.key, e.self_device_time_total if cuda else e.self_cpu_time_total) for e in events),
+        key=lambda kv: -kv[1],
+    )
+    total = sum(t for _, t in times)
+    named = [(_op_name(k), t) for k, t in times[:top]]
+    named.append(("other", total - sum(t for _, t in named)))
+    return [row("self_s_per_token", t / 1e6 / new_tokens, op=name, path=path) for name, t in named]
+
+
+def _op_name(key: str) -> str:
+    if key.startswith("## Call CompiledFxGraph"):
+        return "inductor's generated kernels"
+    return {"TorchDynamo Cache Lookup": "dynamo guard checks"}.get(key, key)

@@ -14,7 +14,7 @@ LEDGER_TERMS = ("parameters", "gradients", "optimizer_state", "activations", "we
 
 _UNITS = {
     "s": "runtime_s runtime_min_s runtime_max_s prefill_s decode_s step_s micro_step_s backward_s "
-    "first_call_s compile_s",
+    "first_call_s compile_s self_s_per_token",
     "B": "weights_bytes kv_cache_bytes peak_rss_bytes baseline_rss_bytes added_rss_bytes "
     "peak_allocated_bytes "
     "peak_reserved_bytes peak_bytes peak_live_bytes predicted_total_bytes read_bytes_per_token",

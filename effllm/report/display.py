@@ -76,6 +76,9 @@ LABELS = {
     "perplexity_change_pct": "Perplexity vs fp32 (%)",
     "top1_agreement_pct": "Top-1 agreement with fp32 (%)",
     "path": "Path",
+    "op": "Op",
+    "ms_per_token": "Self time per token (ms)",
+    "share_pct": "Share of the step (%)",
     "kernel": "Kernel",
     "length": "Length (tokens)",
 }

@@ -9,6 +9,7 @@ import math
 import pandas as pd
 
 from effllm.bench.experiments import checkpointing_label
+from effllm.bench.ladder import PATHS
 from effllm.report import reference, tables
 
 # Why a technique can move step time or peak memory the other way here than in the reference.
@@ -729,12 +730,12 @@ def _ok(table: pd.DataFrame, column: str) -> pd.Series:
     return table[column].dropna() if column in table else pd.Series(dtype=float)
 
 
-def ladder(table: pd.DataFrame, ladder_rows: pd.DataFrame) -> str:
+def ladder(table: pd.DataFrame, ladder_rows: pd.DataFrame, bandwidth: float, linear: float) -> str:
     """The ladder's headline comparisons, from the table of `tables.ladder_table`."""
     speed = _ok(table, "decode_tokens_per_s")
     if speed.empty:
         return "No path of the ladder ran (see the failures below)."
-    ours = speed[[p in LADDER_PATHS for p in speed.index.get_level_values("path")]]
+    ours = speed[[p in PATHS for p in speed.index.get_level_values("path")]]
     lines = []
     for batch in sorted(speed.index.get_level_values("batch").unique()):
         mine = ours.xs(batch, level="batch")
@@ -750,6 +751,11 @@ def ladder(table: pd.DataFrame, ladder_rows: pd.DataFrame) -> str:
     cpp = ladder_rows[(ladder_rows["path"] == "llama.cpp") & (ladder_rows["status"] != "ok")]
     if len(cpp) and (ladder_rows["path"] == "llama.cpp").sum() == len(cpp):
         lines.append(f"llama.cpp did not run: {cpp['reason'].iloc[0]}")
+    lines.append(
+        f"The roof is this machine's read bandwidth, {bandwidth / 1e9:.1f} GB/s; torch's own batch-1 fp32 "
+        f"linear layer reads its weights at {linear / 1e9:.1f} GB/s here ({linear / bandwidth:.0%} of it), "
+        "the practical ceiling of the unquantised paths."
+    )
     share = _ok(table, "share_of_roof_pct")
     for path in ("bf16 compiled", "int4 from Q4_1", "int4 g32"):
         if (path, 1) in share.index:
@@ -771,18 +777,6 @@ def ladder(table: pd.DataFrame, ladder_rows: pd.DataFrame) -> str:
             "(the inductor cache keeps it for the next run)."
         )
     return " ".join(lines)
-
-
-LADDER_PATHS = (
-    "fp32",
-    "bf16",
-    "fp32 compiled",
-    "bf16 compiled",
-    "int8",
-    "int4 g64",
-    "int4 g32",
-    "int4 from Q4_1",
-)
 
 
 def quality(qtable: pd.DataFrame) -> str:
@@ -828,3 +822,19 @@ def attention(times: pd.DataFrame, peaks: pd.DataFrame) -> str:
 
 def _speed(ratio: float) -> str:
     return f"**{ratio:.2f}x faster**" if ratio >= 1 else f"**{1 / ratio:.2f}x slower**"
+
+
+def step_profile(profile: pd.DataFrame, table: pd.DataFrame) -> str:
+    """The largest shares of one path's batch-1 step, beside llama.cpp's time per token."""
+    path = profile["path"].iloc[0]
+    t = profile.set_index("op")["value"]
+    share = (100 * t / t.sum()).drop("other", errors="ignore").sort_values(ascending=False)
+    top = ", ".join(f"{op} {v:.0f}%" for op, v in share.head(3).items())
+    text = f"{path}'s batch-1 step, by the profiler: {top} of its time."
+    speed = _ok(table, "decode_tokens_per_s")
+    if ("llama.cpp", 1) in speed.index and (path, 1) in speed.index:
+        text += (
+            f" Unprofiled it takes {1e3 / speed[path, 1]:.1f} ms per token, llama.cpp "
+            f"{1e3 / speed['llama.cpp', 1]:.1f} ms on the same file."
+        )
+    return text

@@ -424,3 +424,18 @@ def ladder_summary(ladder: pd.DataFrame, quality: pd.DataFrame | None) -> pd.Dat
                 [p.removesuffix(" compiled") for p in speed.index]
             ).to_numpy()
     return speed
+
+
+def fastest(table: pd.DataFrame, paths, batch: int = 1) -> str | None:
+    """The path among `paths` with the most decode tokens/s at `batch` (None when none ran)."""
+    speed = (
+        table["decode_tokens_per_s"].dropna() if "decode_tokens_per_s" in table else pd.Series(dtype=float)
+    )
+    ours = speed[[p in paths and b == batch for p, b in speed.index]]
+    return ours.idxmax()[0] if len(ours) else None
+
+
+def step_profile(profile: pd.DataFrame) -> pd.DataFrame:
+    """Milliseconds per generated token and share of the step, by op."""
+    t = profile.set_index("op")["value"]
+    return pd.DataFrame({"ms_per_token": 1e3 * t, "share_pct": 100 * t / t.sum()})
