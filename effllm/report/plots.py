@@ -11,24 +11,33 @@ from effllm.bench.rows import LEDGER_TERMS
 sns.set_theme(style="whitegrid", context="notebook")
 
 
-def length_sweep(sweep: pd.DataFrame) -> Figure:
-    """Runtime against generated tokens, cache on and off, one panel per batch size."""
-    data = sweep[(sweep["metric"] == "runtime_s") & (sweep["status"] == "ok")]
+def _panels_by_batch(data: pd.DataFrame, *, x: str, hue: str, xlabel: str, ylabel: str, log: bool) -> Figure:
+    """Lines of `value` against x, one per hue, one panel per batch size."""
     g = sns.relplot(
         data=data,
-        x="new_tokens",
+        x=x,
         y="value",
-        hue="cache",
+        hue=hue,
         col="batch",
         kind="line",
         marker="o",
         height=3.2,
         aspect=1.1,
-        facet_kws={"sharey": False},
+        facet_kws={"sharey": log},
     )
-    g.set_axis_labels("generated tokens", "runtime (s)")
+    if log:
+        g.set(xscale="log", yscale="log")
+    g.set_axis_labels(xlabel, ylabel)
     g.set_titles("batch {col_name}")
     return g.figure
+
+
+def length_sweep(sweep: pd.DataFrame) -> Figure:
+    """Runtime against generated tokens, cache on and off, one panel per batch size."""
+    data = sweep[(sweep["metric"] == "runtime_s") & (sweep["status"] == "ok")]
+    return _panels_by_batch(
+        data, x="new_tokens", hue="cache", xlabel="generated tokens", ylabel="runtime (s)", log=False
+    )
 
 
 def bars(
@@ -206,18 +215,5 @@ def roofline(table: pd.DataFrame, bandwidth: float) -> Figure:
 def attention_times(attention: pd.DataFrame) -> Figure:
     """Prefill attention time against sequence length per kernel, one panel per batch size (log-log)."""
     data = attention[(attention["metric"] == "runtime_s") & (attention["status"] == "ok")]
-    g = sns.relplot(
-        data=data,
-        x="length",
-        y="value",
-        hue="kernel",
-        col="batch",
-        kind="line",
-        marker="o",
-        height=3.2,
-        aspect=1.1,
-    )
-    g.set(xscale="log", yscale="log")
-    g.set_axis_labels("sequence length (tokens)", "prefill attention (s)")
-    g.set_titles("batch {col_name}")
-    return g.figure
+    xlabel, ylabel = "sequence length (tokens)", "prefill attention (s)"
+    return _panels_by_batch(data, x="length", hue="kernel", xlabel=xlabel, ylabel=ylabel, log=True)

@@ -36,3 +36,27 @@ def test_a_headline_formats_the_saved_numbers(tmp_path):
     text = headlines.amp(results_dir)
     assert "**2.00x faster** with bf16" in text and "**2.00x slower** with fp16" in text
     assert "bf16-pure did not run" in text
+
+
+def test_the_fast_decoding_headline_compares_the_fastest_path_with_the_anchors(tmp_path):
+    results_dir = tmp_path / "results"
+    rows = [
+        row("decode_tokens_per_s", v, path=p, impl=i, batch=b)
+        for p, i, b, v in (
+            ("fp32", "ours", 1, 10.0),
+            ("int4 g32", "ours", 1, 60.0),
+            ("llama.cpp", "llama.cpp", 1, 120.0),
+            ("transformers fp32", "transformers", 16, 50.0),
+            ("fp32", "ours", 16, 100.0),
+        )
+    ]
+    results.save(rows, results_dir, "07_quantization", "ladder")
+    quality = [row("perplexity", 10.0, path="fp32"), row("perplexity", 10.2, path="int4 g32")]
+    results.save(quality, results_dir, "07_quantization", "quality")
+    text = headlines.quantization(results_dir)
+    assert (
+        "at batch 1 the fastest path, int4 g32, decodes 60.0 tokens/s, **6.00x** fp32, **0.50x** llama.cpp"
+        in text
+    )
+    assert "at batch 16 the fastest path, fp32, decodes 100.0 tokens/s, **2.00x** transformers fp32" in text
+    assert "at most +2.00% from fp32 (int4 g32)" in text

@@ -98,3 +98,75 @@ def test_memory_table_splits_the_peak_by_the_ledger_with_integer_batches():
     at8 = table.loc[(8, "on")]
     assert at8["Python, torch, libraries"] == 300 and at8["KV cache (formula)"] == 8
     assert at8["activations and buffers"] == 1008 - 800 - 8
+
+
+def ladder_rows() -> list[dict]:
+    """07_quantization rows: fp32 and int4 at batches 1 and 4, llama.cpp at batch 1, one skipped row."""
+    rows = []
+    for path, impl, batch, speed, mb in (
+        ("fp32", "ours", 1, 10.0, 500),
+        ("fp32", "ours", 4, 30.0, 130),
+        ("int4 g32", "ours", 1, 50.0, 100),
+        ("int4 g32", "ours", 4, 120.0, 30),
+        ("llama.cpp", "llama.cpp", 1, 100.0, None),
+    ):
+        p = dict(path=path, impl=impl, batch=batch)
+        rows.append(row("decode_tokens_per_s", speed, **p))
+        if mb:
+            rows += [row("read_bytes_per_token", mb * 1e6, **p), row("peak_rss_bytes", 1e9, **p)]
+    rows.append(row("tokens_identical", True, path="fp32", impl="ours", batch=1))
+    reason = "llama-cpp-python's Llama decodes one sequence at a time (batch 1 only)"
+    rows.append(row("decode_tokens_per_s", None, status="skipped", reason=reason, path="llama.cpp", batch=4))
+    return rows
+
+
+def test_ladder_table_sets_each_path_against_fp32_and_the_bandwidth_roof():
+    table = tables.ladder_table(pd.DataFrame(ladder_rows()), bandwidth=10e9)
+    assert list(table.index)[:2] == [("fp32", 1), ("fp32", 4)]  # run order, then batch
+    assert table.loc[("int4 g32", 4), "speed_vs_fp32"] == 4.0
+    assert table.loc[("int4 g32", 1), "roof_tokens_per_s"] == 100.0  # 10 GB/s over 100 MB per token
+    assert table.loc[("int4 g32", 1), "share_of_roof_pct"] == 50.0
+    assert math.isnan(table.loc[("llama.cpp", 1), "share_of_roof_pct"])  # its bytes are not counted
+    assert tables.fastest(table, ["fp32", "int4 g32"], batch=1) == "int4 g32"
+    text = findings.ladder(table, pd.DataFrame(ladder_rows()), bandwidth=10e9, linear=5e9)
+    assert "our fastest path is **int4 g32** at 50.0 tokens/s, **0.50x** llama.cpp (100.0)" in text
+    assert "reads its weights at 5.0 GB/s here (50% of it)" in text
+    assert "The compiled fp32" not in text  # no compiled path ran
+
+
+def test_quality_and_summary_tables_compare_with_fp32():
+    quality = pd.DataFrame(
+        [
+            row("perplexity", 10.0, path="fp32"),
+            row("top1_agreement", 1.0, path="fp32"),
+            row("perplexity", 10.5, path="int4 g32"),
+            row("top1_agreement", 0.75, path="int4 g32"),
+            row("perplexity", None, path="int4 from Q4_1", status="unsupported", reason="not a .gguf file"),
+        ]
+    )
+    q = tables.quality_table(quality)
+    assert (
+        math.isclose(q.loc["int4 g32", "perplexity_change_pct"], 5.0)
+        and q.loc["int4 g32", "top1_agreement_pct"] == 75
+    )
+    assert "**int4 g32's +5.00%**" in findings.quality(q) and "75.0% to 75.0%" in findings.quality(q)
+    summary = tables.ladder_summary(pd.DataFrame(ladder_rows()), quality)
+    assert summary.loc["int4 g32", "batch 4 (tokens/s)"] == 120.0
+    assert math.isclose(summary.loc["int4 g32", "perplexity_change_pct"], 5.0)
+    assert math.isnan(summary.loc["llama.cpp", "perplexity_change_pct"])
+
+
+def test_attention_findings_compare_each_kernel_with_sdpa_math_at_the_longest_shared_length():
+    rows = []
+    for kernel, t, peak in (("sdpa math", 4.0, 100e6), ("sdpa flash", 1.0, 10e6)):
+        for length, scale in ((128, 0.1), (1024, 1.0)):
+            p = dict(kernel=kernel, batch=1, length=length)
+            rows += [row("runtime_s", t * scale, **p), row("peak_bytes", peak * scale, **p)]
+    rows.append(
+        row("runtime_s", None, status="skipped", reason="over", kernel="sdpa math", batch=1, length=4096)
+    )
+    rows.append(row("runtime_s", 5.0, kernel="sdpa flash", batch=1, length=4096))
+    att = pd.DataFrame(rows)
+    times, peaks = tables.attention_table(att), tables.attention_table(att, "peak_bytes")
+    text = findings.attention(times, peaks)
+    assert "At batch 1 and 1024 tokens, sdpa flash runs **4.00x faster** than sdpa math with 0.1x" in text
