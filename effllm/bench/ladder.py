@@ -21,7 +21,7 @@ from effllm import checks
 from effllm.bench import measure
 from effllm.bench.decode import prompts
 from effllm.bench.rows import result_rows, row
-from effllm.loading import resolve
+from effllm.loading import gguf, resolve
 
 # path name -> how it loads and decodes (the keyword arguments of `decode.decode_metrics`)
 PATHS: dict[str, dict] = {
@@ -158,6 +158,8 @@ def llama_cpp_rows(model: str, params: dict, *, repeats: int, device, timeout: f
         threads=torch.get_num_threads(),
     )
     res = measure.isolated("effllm.bench.ladder:llama_cpp_metrics", kw, timeout=timeout)
+    if res.get("status", "ok") == "ok":  # each token reads every stored tensor once (the head is tied)
+        res["read_bytes_per_token"] = gguf.tensor_bytes(path)
     return result_rows(res, {**params, "threads": kw["threads"]}, metric="decode_tokens_per_s")
 
 

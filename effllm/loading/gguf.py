@@ -196,3 +196,10 @@ def storage_types(path: Path) -> dict[str, int]:
     for t in gguf.GGUFReader(path).tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
     return counts
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of all the tensors a GGUF file stores, as stored (quantized blocks and their constants)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)

@@ -770,6 +770,14 @@ def ladder(table: pd.DataFrame, ladder_rows: pd.DataFrame, bandwidth: float, lin
             else "**different tokens** from"
         )
         lines.append(f"The compiled fp32 decode gives {word} the eager one.")
+    bf16 = same[[p == "bf16 compiled" for p in same.index.get_level_values("path")]]
+    if len(bf16) and not all(bf16):
+        lines.append(
+            "In bf16 the compiled step's fused kernels add in another order than eager mode, so at a "
+            "near-tie the greedy token can split: its tokens differ from eager bf16's at batch "
+            + ", ".join(str(b) for (_, b), v in bf16.items() if not v)
+            + "."
+        )
     compile_s = _ok(table, "compile_s")
     if len(compile_s):
         lines.append(

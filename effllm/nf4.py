@@ -1,0 +1,160 @@
+"""4-bit NormalFloat (NF4) weights with double quantization, as in QLoRA (Dettmers et al., 2023).
+
+A weight is cut into blocks of 64 values; each block is scaled by its absolute maximum and every value is
+stored as the index (4 bits, two per byte, the first in the high nibble) of the nearest of the 16 NF4 levels,
+the quantiles of a standard normal scaled to [-1, 1]. Double quantization stores the blocks' absmax
+constants themselves in 8 bits: their mean is subtracted and the rest quantized block-wise (blocks of 256,
+the last one partial) on bitsandbytes' dynamic 8-bit map. Codes and constants are those of bitsandbytes'
+`quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)` on the same tensor.
+
+`NF4Linear` is a frozen linear layer on such a weight: its forward dequantizes to the input's dtype and its
+backward gives the input gradient (re-dequantizing, so no full-precision copy is kept for backward), which
+is what LoRA adapters on a 4-bit base need.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from effllm.checks import InputError
+
+NF4_LEVELS = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+BLOCK = 64  # weights per absmax constant
+STATS_BLOCK = 256  # absmax constants per second-level constant (double quantization)
+
+
+def dynamic_map(*, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (Dettmers, 2016): 256 sorted levels in [-1, 1], dense near 0."""
+    data: list[float] = []
+    non_sign = total_bits - 1
+    for i in range(max_exponent_bits):
+        boundaries = torch.linspace(0.1, 1, 2 ** (i + non_sign - max_exponent_bits) + 1)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist() + (-scale * means).tolist()  # float32 products, as bitsandbytes
+    data += [0.0, 1.0]
+    data += [0.0] * (2**total_bits - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def quantize_blockwise(x: Tensor, levels: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Indices (uint8, x's numel) of the nearest level after scaling each block of `block` values by its
+    absmax, and the absmax per block (fp32; a last partial block gets its own)."""
+    flat = x.reshape(-1).float()
+    full = flat.numel() - flat.numel() % block
+    blocks = flat[:full].view(-1, block)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+    if full < flat.numel():  # the last, partial block (bitsandbytes divides there, and so do we)
+        rest = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, rest[None]])
+        scaled = torch.cat([scaled, (flat[full:] / rest).clamp(-1, 1)])
+    bounds = (levels[:-1] + levels[1:]) / 2
+    return torch.bucketize(scaled, bounds.to(x.device)).to(torch.uint8), absmax
+
+
+def dequantize_blockwise(q: Tensor, absmax: Tensor, levels: Tensor, block: int) -> Tensor:
+    values = levels.to(q.device)[q.long()]
+    n_blocks = absmax.numel()
+    padded = F.pad(values, (0, n_blocks * block - values.numel())).view(n_blocks, block)
+    return (padded * absmax[:, None]).reshape(-1)[: values.numel()]
+
+
+@dataclass
+class NF4Weight:
+    """An NF4 weight: packed codes (uint8, numel/2), the double-quantized absmax (uint8 codes, their fp32
+    second-level absmax and offset) and the weight's shape."""
+
+    packed: Tensor
+    absmax_codes: Tensor
+    absmax_scale: Tensor
+    absmax_offset: Tensor
+    shape: tuple[int, ...]
+
+    def absmax(self) -> Tensor:
+        stats = dequantize_blockwise(self.absmax_codes, self.absmax_scale, dynamic_map(), STATS_BLOCK)
+        return stats + self.absmax_offset
+
+    def nbytes(self) -> int:
+        tensors = (self.packed, self.absmax_codes, self.absmax_scale, self.absmax_offset)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantize_nf4(w: Tensor) -> NF4Weight:
+    """NF4 codes of w in blocks of 64 with double-quantized absmax; w's numel must be even."""
+    if w.numel() % 2:
+        raise InputError(f"NF4 packs two codes per byte: a weight of shape {tuple(w.shape)} has an odd size")
+    codes, absmax = quantize_blockwise(w, torch.tensor(NF4_LEVELS), BLOCK)
+    offset = absmax.mean()
+    absmax_codes, absmax_scale = quantize_blockwise(absmax - offset, dynamic_map(), STATS_BLOCK)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return NF4Weight(packed, absmax_codes, absmax_scale, offset, tuple(w.shape))
+
+
+def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
+    codes = torch.stack([weight.packed >> 4, weight.packed & 15], dim=1).reshape(-1)
+    w = dequantize_blockwise(codes, weight.absmax(), torch.tensor(NF4_LEVELS), BLOCK)
+    return w.view(weight.shape).to(dtype)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W^T with W dequantized on the fly, forward and backward: only the 4-bit weight is kept."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "NF4Linear") -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer (no bias) on an NF4 weight; gradients flow to its input only."""
+
+    def __init__(self, name: str, weight: NF4Weight):
+        super().__init__()
+        self.name, self.shape = name, weight.shape
+        self.out_features, self.in_features = weight.shape
+        for field in ("packed", "absmax_codes", "absmax_scale", "absmax_offset"):
+            self.register_buffer(field, getattr(weight, field))
+
+    @classmethod
+    def from_linear(cls, name: str, linear: nn.Linear) -> "NF4Linear":
+        if linear.bias is not None:
+            raise InputError(f"{name} has a bias: NF4Linear quantizes bias-free Llama linears")
+        return cls(name, quantize_nf4(linear.weight.detach()))
+
+    def weight_state(self) -> NF4Weight:
+        return NF4Weight(self.packed, self.absmax_codes, self.absmax_scale, self.absmax_offset, self.shape)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        return dequantize_nf4(self.weight_state(), dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise InputError(f"{self.name} takes {self.in_features} input features, got {x.shape[-1]}")
+        return _NF4Matmul.apply(x, self)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: in_features={self.in_features}, out_features={self.out_features}, nf4"
