@@ -4,8 +4,10 @@ A weight is cut into blocks of 64 values; each block is scaled by its absolute m
 stored as the index (4 bits, two per byte, the first in the high nibble) of the nearest of the 16 NF4 levels,
 the quantiles of a standard normal scaled to [-1, 1]. Double quantization stores the blocks' absmax
 constants themselves in 8 bits: their mean is subtracted and the rest quantized block-wise (blocks of 256,
-the last one partial) on bitsandbytes' dynamic 8-bit map. Codes and constants are those of bitsandbytes'
-`quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)` on the same tensor.
+the last one partial) on bitsandbytes' dynamic 8-bit map. The 4-bit codes, the offset and the
+second-level constants equal bitsandbytes' `quantize_4bit(quant_type="nf4", blocksize=64,
+compress_statistics=True)` on the same tensor; an 8-bit absmax code may be its neighbour at a near-tie
+(bitsandbytes' CPU kernel rounds ties its own way).
 
 `NF4Linear` is a frozen linear layer on such a weight: its forward dequantizes to the input's dtype and its
 backward gives the input gradient (re-dequantizing, so no full-precision copy is kept for backward), which
