@@ -29,6 +29,7 @@ BACKENDS = {
 }
 PLAIN = "model.py math"  # effllm.model.math_attention: GQA expanded, the (T, T) scores materialised
 MATERIALISING = ("sdpa math", PLAIN)
+CUDA_ONLY = ("sdpa memory-efficient", "sdpa cuDNN")
 
 
 def attention_fn(kernel: str):
@@ -113,6 +114,9 @@ def _kernel_rows(
 ) -> tuple[list[dict], Tensor | None]:
     """One kernel's rows at one shape, and its output (None when it did not run)."""
     fn, device = attention_fn(kernel), q.device
+    if kernel in CUDA_ONLY and device.type != "cuda":
+        reason = f"{kernel} has no {device.type} kernel: PyTorch ships it for CUDA only"
+        return [row("runtime_s", None, status="unsupported", reason=reason, kernel=kernel, **params)], None
     need = scores_bytes(q.shape[0], q.shape[1], q.shape[2])
     if kernel in MATERIALISING and need > max_scores_gb * 1e9:
         reason = f"its (B, H, T, T) scores need {need / 1e9:.1f} GB, over max_scores_gb={max_scores_gb}"

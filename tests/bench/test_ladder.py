@@ -144,8 +144,9 @@ def test_every_attention_kernel_matches_sdpa_math_or_says_why_not():
     assert {r["kernel"] for r in skipped} == {"sdpa math", attention.PLAIN}  # scores over the limit
     assert all(r["length"] == 64 and "max_scores_gb" in r["reason"] for r in skipped)
     if not torch.cuda.is_available():
-        cuda_only = {r["kernel"]: r for r in rows if r["status"] == "unsupported"}
-        assert {"sdpa memory-efficient", "sdpa cuDNN"} <= set(cuda_only)
+        cuda_only = {r["kernel"]: r["reason"] for r in rows if r["status"] == "unsupported"}
+        assert set(cuda_only) == {"sdpa memory-efficient", "sdpa cuDNN"}
+        assert all("CUDA only" in reason for reason in cuda_only.values())
     with pytest.raises(InputError, match="unknown attention kernel"):
         attention.attention_rows(
             n_heads=2, n_kv_heads=2, head_dim=8, batch_sizes=[1], lengths=[8], kernels=["xformers"]
