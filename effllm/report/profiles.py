@@ -114,7 +114,6 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "07_quantization": {  # Q4_1 needs a GGUF file and llama.cpp the CPU: those rows say so
             "repeats": 5,
             "new_tokens": 128,
-            "attention_batch_sizes": [1, 8],
             "attention_lengths": [128, 256, 512, 1024, 2048, 4096, 8192],
             "max_scores_gb": 64.0,
         },
