@@ -115,7 +115,7 @@ def decode_metrics(
         timing = measure.time_fn(
             lambda: splits.append(run(new_tokens)), device=device, warmup=0, repeats=repeats
         )
-    median = lambda key: sorted(s[key] for s in splits)[len(splits) // 2]
+    median = lambda key: measure.run_median(splits, key)
     decode_s = median("decode_s")
     return {
         "runtime_s": timing["median_s"],

@@ -123,7 +123,7 @@ def llama_cpp_metrics(
     with measure.peak_window("cpu") as peak:
         run(2)  # warm-up, excluded
         splits = [run(new_tokens) for _ in range(repeats)]
-    median = lambda key: sorted(s[key] for s in splits)[len(splits) // 2]
+    median = lambda key: measure.run_median(splits, key)
     runtime = median("prefill_s") + median("decode_s")
     return {
         "runtime_s": runtime,

@@ -41,6 +41,12 @@ def time_fn(
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times": times}
 
 
+def run_median(runs: list[dict], key: str) -> float:
+    """The median run's value of `key`, a value one run measured (of an even count, the upper: the slower
+    of two timings)."""
+    return sorted(r[key] for r in runs)[len(runs) // 2]
+
+
 def _status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:

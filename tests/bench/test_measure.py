@@ -128,3 +128,9 @@ def test_cuda_peak_window_sees_an_allocation():
         del x
     assert peak["peak_allocated_bytes"] >= 64 * 2**20
     assert not math.isnan(peak["peak_reserved_bytes"])
+
+
+def test_run_median_is_a_value_one_run_measured():
+    runs = [{"s": 3.0}, {"s": 1.0}, {"s": 2.0}, {"s": 4.0}]
+    assert measure.run_median(runs, "s") == 3.0  # of an even count, the upper: the slower of the middle two
+    assert measure.run_median(runs[:3], "s") == 2.0
