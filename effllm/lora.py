@@ -2,39 +2,64 @@
 
 Follows litgpt's `lora.py` (a wrapper of the frozen linear, A Kaiming, B zeros, merge safe to call twice) and
 PEFT's numerics (adapters in fp32, dropout on the input of the A path). `effllm.loading.peft` saves and
-loads adapters in PEFT's format, so PEFT and effllm read each other's.
+loads adapters in PEFT's format, so PEFT and effllm read each other's. The frozen base may also be a
+4-bit layer (`effllm.model.FrozenLinear`, e.g. NF4 for QLoRA); such adapters train and save the same way,
+but merge only into a full-precision base (load the saved adapter onto it).
 """
 
 import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from effllm.checks import InputError
+from effllm.model import FrozenLinear
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: base(x) + dropout(x) A^T B^T * alpha / r."""
+    """A frozen linear plus a trainable low-rank update: base(x) + dropout(x) A^T B^T * alpha / r."""
 
-    def __init__(self, base: nn.Linear, *, r: int, alpha: float, dropout: float = 0.0, generator=None):
+    def __init__(
+        self, base: nn.Linear | FrozenLinear, *, r: int, alpha: float, dropout: float = 0.0, generator=None
+    ):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         self.base, self.r, self.alpha, self.scaling = base.requires_grad_(False), r, alpha, alpha / r
+        device = next(iter((*base.parameters(), *base.buffers()))).device
         # fp32 whatever the base dtype, as PEFT does: tiny, and bf16 adapters lose small updates to rounding
         a = nn.init.kaiming_uniform_(torch.empty(r, base.in_features), a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(a.to(base.weight.device))  # (r, in), as nn.Linear(in, r) initialises
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))  # (out, r)
+        self.lora_A = nn.Parameter(a.to(device))  # (r, in), as nn.Linear(in, r) initialises
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # QAT: a map of the merged weight W + B A s (a fake quantizer) that the forward then runs through
+        self.weight_transform: Callable[[Tensor], Tensor] | None = None
         self.train(base.training)  # a fresh module is in train mode; follow the model's mode instead
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight_transform is not None:
+            return self._transformed_forward(x)
         y = self.base(x)  # (..., out) in the base dtype
         if self.merged:
             return y
         x = self.dropout(x.to(self.lora_A.dtype))  # the adapter path in fp32, as PEFT casts it
         update = x @ self.lora_A.T @ self.lora_B.T  # (..., in) -> (..., r) -> (..., out)
         return (y + update * self.scaling).to(y.dtype)
+
+    def _transformed_forward(self, x: Tensor) -> Tensor:
+        """x through weight_transform(W + B A s), the weight merging then quantizing gives; in training,
+        the dropped-out adapter input adds B A s (dropout(x) - x), so the update sees dropout as in LoRA."""
+        if self.merged or isinstance(self.base, FrozenLinear):
+            raise InputError("weight_transform (QAT) needs an unmerged adapter on a full-precision base")
+        w = self.weight_transform(self.base.weight + self.delta_weight().to(self.base.weight.dtype))
+        y = F.linear(x, w)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            xa = x.to(self.lora_A.dtype)
+            y = y + ((self.dropout(xa) - xa) @ self.lora_A.T @ self.lora_B.T * self.scaling).to(y.dtype)
+        return y
 
     def delta_weight(self) -> Tensor:
         """The update B A * scaling, (out, in) in the adapters' dtype."""
@@ -43,6 +68,11 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Add the update into base.weight (in its dtype); a no-op when already merged."""
+        if isinstance(self.base, FrozenLinear):
+            raise InputError(
+                f"{self.base.name} is a quantized base ({type(self.base).__name__}): adapters merge into a "
+                "full-precision weight; save the adapter and load it onto the full-precision model"
+            )
         if not self.merged:
             self.base.weight += self.delta_weight()  # computed in fp32, rounded once to the base dtype
             self.merged = True
@@ -76,7 +106,9 @@ def target_linears(
     (the PEFT loader passes transformers' names).
     """
     linears = {
-        path(n): (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"
+        path(n): (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, FrozenLinear)) and n != "lm_head"
     }
     available = sorted({n.rsplit(".", 1)[-1] for n in linears})
     if isinstance(targets, str):

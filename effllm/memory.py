@@ -4,6 +4,7 @@ Static terms count the model's own parameters. Activations are what autograd rea
 forward + loss, caught with `torch.autograd.graph.saved_tensors_hooks` (unique storages; parameters and
 autocast's low-precision weight copies are counted apart). `predict` runs that same measurement on a
 shape-only model (`FakeTensorMode`): nothing is allocated, so a 1B model's ledger costs seconds and no RAM.
+A 4-bit base (QLoRA's NF4) is counted as what it stores: codes and constants, under `parameters_nf4`.
 """
 
 import torch
@@ -12,7 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from effllm.lora import apply_lora, lora_layers
-from effllm.model import Llama, ModelArgs, training_mode
+from effllm.model import FrozenLinear, Llama, ModelArgs, training_mode
+from effllm.nf4 import quantize_base as to_4bit
 from effllm.precision import autocast
 from effllm.step import loss_fn
 
@@ -70,9 +72,14 @@ def saved_activation_bytes(
     return saved_bytes(model, batch, precision=precision, checkpointing=checkpointing)["activations"]
 
 
-def _twin(args: ModelArgs, dtype: torch.dtype, lora: dict | None, precision: str) -> Llama:
-    """A shape-only Llama as train() holds it: LoRA applied, then all cast for bf16-pure (in fake mode)."""
+def _twin(
+    args: ModelArgs, dtype: torch.dtype, lora: dict | None, precision: str, quantize_base: str | None = None
+) -> Llama:
+    """A shape-only Llama as train() holds it (in fake mode): the base quantized, LoRA applied, then all
+    cast for bf16-pure."""
     model = _cast(Llama(args), dtype)
+    if quantize_base is not None:
+        to_4bit(model, quantize_base)
     if lora is not None:
         apply_lora(model, **{**lora, "seed": None})
     return _cast(model, torch.bfloat16) if precision == "bf16-pure" else model
@@ -92,20 +99,26 @@ def ledger(
     lora: dict | None = None,
     batch: dict | None = None,
     checkpointing: int = 0,
+    quantize_base: str | None = None,
 ) -> dict:
     """Predicted training bytes by kind (activations measured on batch when given); see the module doc.
 
-    lora (apply_lora kwargs) and bf16-pure are applied to a shape-only twin when the model lacks them,
-    so the model itself is never changed. AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype
-    plus a 4-byte step per tensor; plain SGD (no momentum) keeps nothing.
+    lora (apply_lora kwargs), quantize_base ("nf4") and bf16-pure are applied to a shape-only twin when
+    the model lacks them, so the model itself is never changed. AdamW keeps exp_avg and exp_avg_sq in
+    the parameter's dtype plus a 4-byte step per tensor; plain SGD (no momentum) keeps nothing.
     """
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     dtype = next(model.parameters()).dtype
     needs_lora = lora is not None and not lora_layers(model)
-    if needs_lora or (precision == "bf16-pure" and dtype != torch.bfloat16):
+    held = next((m.storage for m in model.modules() if isinstance(m, FrozenLinear)), None)
+    needs_4bit = quantize_base is not None and held is None
+    if needs_4bit and lora_layers(model):
+        raise ValueError("the model has adapters on a full-precision base: quantize_base cannot apply")
+    if needs_lora or needs_4bit or (precision == "bf16-pure" and dtype != torch.bfloat16):
         with FakeTensorMode():
-            twin = _twin(model.args, dtype, lora if needs_lora else None, precision)
+            base = quantize_base if needs_4bit else held  # the twin's base is stored as the model's
+            twin = _twin(model.args, dtype, lora if needs_lora else None, precision, base)
             fake = (
                 None if batch is None else {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in batch.items()}
             )
@@ -118,6 +131,10 @@ def ledger(
     for p in params:
         name = str(p.dtype).removeprefix("torch.")
         by_dtype[name] = by_dtype.get(name, 0) + p.numel() * p.element_size()
+    for m in model.modules():  # a quantized base: its codes and constants, by format
+        if isinstance(m, FrozenLinear):
+            held = sum(b.numel() * b.element_size() for b in m.buffers())
+            by_dtype[m.storage] = by_dtype.get(m.storage, 0) + held
     grads = sum(p.numel() * p.element_size() for p in trainable)
     adam = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)
     out = {
@@ -145,12 +162,13 @@ def predict(
     lora: dict | None = None,
     checkpointing: int = 0,
     dtype: torch.dtype = torch.float32,
+    quantize_base: str | None = None,
 ) -> dict:
     """The ledger of a model too large to instantiate: the same measurement run on shapes only."""
     # Running our own forward on fake tensors, rather than a closed formula, keeps what a formula misses:
     # autocast's weight copies, the fp32 RMSNorm and loss tensors, LoRA's frozen base saving less.
     with FakeTensorMode():
-        model = _twin(args, dtype, lora, precision)
+        model = _twin(args, dtype, lora, precision, quantize_base)
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long)  # (B, T): values do not change the bytes
         batch = {"input_ids": ids, "labels": ids}
         return ledger(

@@ -337,10 +337,36 @@ def training_mode(model: nn.Module, *, checkpointing: int = 0) -> Iterator[nn.Mo
         model.checkpoint_every = restore[1]
 
 
+class FrozenLinear(nn.Module):
+    """A frozen stand-in for a bias-free nn.Linear whose weight lives in buffers (a quantized layer):
+    LoRA can wrap it, and its buffers are weights to `param_bytes`. Subclasses set these three."""
+
+    storage = "quantized"  # the weight format's name (nf4, int8, int4), as the memory ledger lists it
+    name: str  # the layer's qualified name, for error messages
+    in_features: int
+    out_features: int
+
+
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, parent module, attribute) of every plain linear of the blocks, in order."""
+    return [
+        (f"{name}.{child}", module, child)
+        for name, module in model.named_modules()
+        for child in BLOCK_LINEARS
+        if isinstance(getattr(module, child, None), nn.Linear) and name.startswith("layers.")
+    ]
+
+
 def param_bytes(model: nn.Module, *, trainable_only: bool = False) -> int:
-    """Bytes held by the model's parameters (tied weights counted once)."""
+    """Bytes held by the model's weights: its parameters (tied weights counted once) and, unless
+    trainable_only, the buffers of its frozen quantized linears."""
     params = (p for p in model.parameters() if p.requires_grad or not trainable_only)  # tied: listed once
-    return sum(p.numel() * p.element_size() for p in params)
+    frozen = [] if trainable_only else [m for m in model.modules() if isinstance(m, FrozenLinear)]
+    buffers = (b for m in frozen for b in m.buffers())
+    return sum(t.numel() * t.element_size() for t in (*params, *buffers))
 
 
 def weight_read_bytes(model: Llama) -> int:

@@ -13,23 +13,28 @@ linears of the blocks are quantized; `head="int8"` also gives the output head an
 lookup keeps its table: it reads a few rows per token). The quantized weights are buffers packed for the
 device they were made on: a quantized model decodes, it does not train (adapters on a frozen 4-bit base
 are QLoRA's). `save` / `load` keep a quantized model in one safetensors file (no pickle).
+
+QAT (quantization-aware training, int4): `prepare_qat` rounds the frozen block linears onto their int4
+grid once and makes each LoRA-adapted one run through the int4 grid of its merged weight W + B A s on every
+forward, the gradient passing straight through the rounding (Bengio et al., 2013); `convert_qat` merges
+the adapters and quantizes, giving exactly the weights training saw, on the int4 kernel.
 """
 
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from effllm.checks import ConfigError, InputError, choice, integer
-from effllm.lora import lora_layers
-from effllm.model import Llama, ModelArgs
+from effllm.lora import lora_layers, remove_lora
+from effllm.model import BLOCK_LINEARS, FrozenLinear, Llama, ModelArgs, block_linears
 
 SCHEMES = ("int8", "int4", "q4_1")
 GROUP_SIZES = (32, 64, 128, 256)
 Q4_1_GROUP = 32  # ggml's Q4_1 block
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FORMAT = "effllm-quantized-1"  # the safetensors metadata of a saved quantized model
 
 
@@ -67,6 +72,12 @@ def q4_1_to_int4(q: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tenso
     return q.to(torch.int32), d.T.contiguous(), (m + 8 * d).T.contiguous()
 
 
+def fake_quantize_int4(w: Tensor, group_size: int) -> Tensor:
+    """w rounded onto its int4 grid (quantize_int4, then back), the gradient passing straight through."""
+    q, scales, zeros = quantize_int4(w.detach(), group_size)
+    return w + (dequantize_int4(q, scales, zeros, group_size).to(w.dtype) - w).detach()
+
+
 def pack_nibbles(q: Tensor) -> Tensor:
     """(N, K) values in [0, 15] as (N, K/2) uint8, input 2i in the low nibble: a portable file layout."""
     q = q.to(torch.uint8)
@@ -77,7 +88,7 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(FrozenLinear):
     """A frozen, quantized stand-in for nn.Linear (no bias): what every quantized layer shares."""
 
     def __init__(self, name: str, in_features: int, out_features: int):
@@ -106,6 +117,8 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """y = x W^T with W stored as int8 and one scale per output channel."""
 
+    storage = "int8"
+
     def __init__(self, name: str, q: Tensor, scales: Tensor, dtype: torch.dtype):
         super().__init__(name, q.shape[1], q.shape[0])
         self.register_buffer("weight", q.to(torch.int8))
@@ -127,6 +140,8 @@ class Int8Linear(QuantizedLinear):
 
 class Int4Linear(QuantizedLinear):
     """y = x W^T with W as packed int4 and a scale and zero per group of `group_size` inputs."""
+
+    storage = "int4"
 
     def __init__(self, name: str, q: Tensor, scales: Tensor, zeros: Tensor, group_size: int, dtype):
         super().__init__(name, q.shape[1], q.shape[0])
@@ -189,16 +204,6 @@ def _pack_for_kernel(name: str, q: Tensor) -> Tensor:
     return torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
 
 
-def targets(model: Llama) -> list[tuple[str, nn.Module, str]]:
-    """(qualified name, parent module, attribute) of every block linear, in order."""
-    return [
-        (f"{name}.{child}", module, child)
-        for name, module in model.named_modules()
-        for child in LINEARS
-        if isinstance(getattr(module, child, None), nn.Linear) and name.startswith("layers.")
-    ]
-
-
 def _check(model: Llama, scheme: str, group_size, head, blocks) -> torch.device:
     choice("scheme", scheme, SCHEMES)
     choice("head", head, (None, "int8"))
@@ -230,6 +235,18 @@ def _check(model: Llama, scheme: str, group_size, head, blocks) -> torch.device:
     return device
 
 
+def _check_shapes(layers, scheme: str, group_size: int | None, blocks) -> None:
+    """Refuse, naming the layer, a linear whose size the chosen kernel cannot take."""
+    for name, module, child in layers:
+        k, n = getattr(module, child).in_features, getattr(module, child).out_features
+        if scheme == "int4" and k % group_size:
+            raise InputError(f"{name} has {k} inputs, not a multiple of group_size {group_size}")
+        if scheme == "q4_1" and f"{name}.weight" not in blocks:
+            raise InputError(f"{name}.weight is not stored as Q4_1 in the GGUF file")
+        if scheme != "int8" and n % 16:
+            raise InputError(f"{name} has {n} outputs: the int4 kernels need a multiple of 16")
+
+
 def quantize(
     model: Llama,
     scheme: str,
@@ -247,15 +264,8 @@ def quantize(
     already quantized or carrying LoRA adapters, a CPU without AVX2, a device without the kernels.
     """
     _check(model, scheme, group_size, head, blocks)
-    layers = targets(model)
-    for name, module, child in layers:
-        k, n = getattr(module, child).in_features, getattr(module, child).out_features
-        if scheme == "int4" and k % group_size:
-            raise InputError(f"{name} has {k} inputs, not a multiple of group_size {group_size}")
-        if scheme == "q4_1" and f"{name}.weight" not in blocks:
-            raise InputError(f"{name}.weight is not stored as Q4_1 in the GGUF file")
-        if scheme != "int8" and n % 16:
-            raise InputError(f"{name} has {n} outputs: the int4 kernels need a multiple of 16")
+    layers = block_linears(model)
+    _check_shapes(layers, scheme, group_size, blocks)
     dtype = model.embed.weight.dtype
     for name, module, child in layers:
         linear = getattr(module, child)
@@ -272,6 +282,51 @@ def quantize(
     model.requires_grad_(False)
     group = {"int8": None, "int4": group_size, "q4_1": Q4_1_GROUP}[scheme]
     model.quantization = {"scheme": scheme, "group_size": group, "head": head}
+    return model
+
+
+QAT_SCHEMES = ("int4",)
+
+
+def prepare_qat(model: Llama, scheme: str = "int4", *, group_size: int = 32) -> Llama:
+    """Make `model` (with LoRA adapters, before training) see the int4 weights it will be converted to.
+
+    The frozen block linears are rounded onto their int4 grid in place (they never change, so once is
+    the same as every forward); each adapted one runs through the grid of its merged weight. Refused with
+    the reason: an unknown scheme or group size, no adapters (QAT here trains LoRA), a quantized model."""
+    choice("qat", scheme, QAT_SCHEMES)
+    choice("group_size", integer("group_size", group_size, minimum=1), GROUP_SIZES)
+    adapted = {n: m for n, m in lora_layers(model).items() if n.rsplit(".", 1)[-1] in BLOCK_LINEARS}
+    if not adapted:
+        raise InputError(
+            "QAT here trains LoRA adapters on a frozen base: pass lora= (QAT of a full fine-tune is not "
+            "supported)"
+        )
+    if any(isinstance(m, FrozenLinear) for m in model.modules()):
+        raise InputError("QAT fake-quantizes a full-precision base; this model's base is already quantized")
+    plain = block_linears(model)
+    bases = [(f"{n}.base", m, "base") for n, m in adapted.items()]
+    _check_shapes(plain + bases, scheme, group_size, None)
+    fake = partial(fake_quantize_int4, group_size=group_size)
+    with torch.no_grad():
+        for _, module, child in plain:
+            weight = getattr(module, child).weight
+            weight.copy_(fake(weight))
+    for m in adapted.values():
+        m.weight_transform = fake
+    model.qat = {"scheme": scheme, "group_size": group_size}
+    return model
+
+
+def convert_qat(model: Llama) -> Llama:
+    """Merge the adapters of a QAT-trained model and quantize it to int4: the weights training saw."""
+    if getattr(model, "qat", None) is None:
+        raise InputError("the model was not prepared for QAT (prepare_qat, or train(..., qat='int4'))")
+    for m in lora_layers(model).values():
+        m.weight_transform = None
+    remove_lora(model, merge=True)
+    quantize(model, model.qat["scheme"], group_size=model.qat["group_size"])
+    model.qat = None
     return model
 
 
@@ -340,7 +395,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> Llama:
         model = Llama(args)
     dtype = tensors["embed.weight"].dtype
     try:
-        for name, module, child in targets(model):
+        for name, module, child in block_linears(model):
             t = {
                 k: tensors.pop(f"{name}.{k}")
                 for k in ("qweight", "scales", "zeros")

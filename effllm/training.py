@@ -1,8 +1,9 @@
 """Supervised fine-tuning: one loop whose keyword switches turn each memory/speed technique on.
 
 Follows nanoGPT's `train.py`: autocast + GradScaler mixed precision (Micikevicius et al., 2018), gradient
-accumulation, activation checkpointing (Chen et al., 2016), LoRA (`effllm.lora`), warm-up + cosine
-schedule and clipping. One step's forward and backward live in `effllm.step`, precision names in
+accumulation, activation checkpointing (Chen et al., 2016), LoRA (`effllm.lora`) on a full-precision or
+a 4-bit NF4 base (QLoRA, `effllm.nf4`), int4 quantization-aware training (`effllm.quantization`), warm-up +
+cosine schedule and clipping. One step's forward and backward live in `effllm.step`, precision names in
 `effllm.precision`. Every optimizer step leaves one record; `effllm.bench.measure.step_times` times them.
 """
 
@@ -19,8 +20,11 @@ from effllm import checks
 from effllm.checks import InputError
 from effllm.device import is_oom, sync
 from effllm.lora import apply_lora, lora_layers, trainable_parameters
-from effllm.model import training_mode
+from effllm.model import FrozenLinear, training_mode
+from effllm.nf4 import SCHEMES as BASE_SCHEMES
+from effllm.nf4 import quantize_base as to_4bit
 from effllm.precision import AUTOCAST, precision_problem
+from effllm.quantization import GROUP_SIZES, QAT_SCHEMES, prepare_qat
 from effllm.step import backward_step, evaluate
 
 CHOICES = {
@@ -116,6 +120,23 @@ def _check_arguments(a: dict) -> None:
     checks.number("weight_decay", a["weight_decay"], minimum=0)
     if a["max_grad_norm"] is not None:
         checks.number("max_grad_norm", a["max_grad_norm"], positive=True)
+    if a["quantize_base"] is not None:
+        checks.choice("quantize_base", a["quantize_base"], BASE_SCHEMES)
+        if a["lora"] is None and not lora_layers(a["model"]):
+            raise InputError(
+                f"quantize_base={a['quantize_base']!r} freezes a 4-bit base: pass lora= to train adapters "
+                "on it (full fine-tuning of a 4-bit base is not supported)"
+            )
+    if a["qat"] is not None:
+        checks.choice("qat", a["qat"], QAT_SCHEMES)
+        if a["group_size"] is not None:
+            checks.choice("group_size", checks.integer("group_size", a["group_size"], minimum=1), GROUP_SIZES)
+        if a["quantize_base"] is not None:
+            raise InputError(
+                "qat fake-quantizes a full-precision base; quantize_base makes it 4-bit: pick one"
+            )
+    elif a["group_size"] is not None:
+        raise InputError("group_size is QAT's int4 group: pass qat='int4' with it")
     if a["eval_batches"] is not None and len(a["eval_batches"]) == 0:
         raise InputError("eval_batches is empty: pass None for no evaluation, or at least one batch")
 
@@ -133,6 +154,9 @@ def train(
     accum_normalisation: str = "tokens",
     checkpointing: int = 0,
     lora: dict | None = None,
+    quantize_base: str | None = None,
+    qat: str | None = None,
+    group_size: int | None = None,
     warmup_steps: int = 0,
     schedule: str = "constant",
     max_grad_norm: float | None = None,
@@ -145,17 +169,24 @@ def train(
 ) -> TrainResult:
     """Fine-tune model in place for `steps` optimizer steps of `accum_steps` micro-batches each.
 
-    lora (apply_lora kwargs) is applied unless the model already has adapters; bf16-pure casts the model
-    (adapters too) to bf16. A non-finite loss for more than divergence_patience consecutive steps stops
-    with status "diverged"; fp16 steps the scaler skips with a finite loss are its back-off, not divergence.
+    lora (apply_lora kwargs) is applied unless the model already has adapters; quantize_base="nf4" first
+    puts the frozen block linears on NF4 (QLoRA; a base already quantized stays); qat="int4" with
+    group_size (32 default) trains the adapters through the int4 grid (`quantization.prepare_qat`; convert
+    with `quantization.convert_qat`). bf16-pure casts the model (adapters too) to bf16. A non-finite loss
+    for more than divergence_patience consecutive steps stops with status "diverged"; fp16 steps the
+    scaler skips with a finite loss are its back-off, not divergence.
     """
     _check_arguments(locals())
     device = next(model.parameters()).device
     if reason := precision_problem(precision, device):
         return TrainResult(status="unsupported", reason=reason)
     torch.manual_seed(seed)
+    if quantize_base is not None and not any(isinstance(m, FrozenLinear) for m in model.modules()):
+        to_4bit(model, quantize_base)
     if lora is not None and not lora_layers(model):
         apply_lora(model, **{"seed": seed, **lora})
+    if qat is not None and getattr(model, "qat", None) is None:
+        prepare_qat(model, qat, group_size=32 if group_size is None else group_size)
     if precision == "bf16-pure":
         model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from effllm.bench.experiments import Run, checkpointing_label
+from effllm.bench.experiments import LEDGER_KNOBS, Run, checkpointing_label
 from effllm.bench.rows import LEDGER_TERMS, row
 from effllm.lora import apply_lora, trainable_parameters
 from effllm.memory import predict
@@ -41,7 +41,7 @@ def budget_rows(
     for name, args in models.items():
         for label, changes in configs.items():
             run = base.but(**changes)
-            knobs = {k: run.switch(k) for k in ("optimizer", "precision", "lora", "checkpointing")}
+            knobs = {k: run.switch(k) for k in LEDGER_KNOBS}
             pred = predict(args, batch_size=batch_size, seq_len=seq_len, **knobs)
             params = dict(model=name, config=label, batch_size=batch_size, seq_len=seq_len, **run.columns())
             rows += [row(f"predicted_{t}_bytes", pred[t], **params) for t in (*LEDGER_TERMS, "total")]

@@ -23,9 +23,11 @@ from effllm.device import resolve_device
 from effllm.files import repo_path
 from effllm.memory import ledger
 from effllm.model import Llama
+from effllm.nf4 import quantize_base
 from effllm.step import evaluate
 from effllm.training import train
 
+LEDGER_KNOBS = ("optimizer", "precision", "lora", "checkpointing", "quantize_base")  # what the ledger takes
 TRAIN_DEFAULTS = {
     k: p.default
     for k, p in inspect.signature(train).parameters.items()
@@ -79,7 +81,8 @@ class Run:
     def columns(self) -> dict:
         """The settings a result row carries as columns."""
         lora = self.switch("lora")
-        cols = {k: self.switch(k) for k in ("precision", "checkpointing", "accum_steps", "optimizer", "lr")}
+        names = ("precision", "checkpointing", "accum_steps", "optimizer", "lr", "quantize_base")
+        cols = {k: self.switch(k) for k in names}
         return dict(
             cols,
             micro_batch=self.micro_batch,
@@ -104,6 +107,8 @@ def finetune(**fields) -> dict:
     run = Run(**fields)
     device = resolve_device(run.device)
     model, tok = effllm.load(run.model, device=device)
+    if run.switch("quantize_base") is not None:  # before the peak window: it measures training, not loading
+        quantize_base(model, run.switch("quantize_base"))
     train_b, truncated = alpaca_batches(tok, run, "subset", run.train_examples)
     eval_b = alpaca_batches(tok, run, "eval", run.eval_examples)[0] if run.eval_examples else None
     fit = lambda **kw: train(model, train_b, seed=run.seed, progress=False, **{**run.switches, **kw})
@@ -124,7 +129,7 @@ def finetune(**fields) -> dict:
         )
     # the ledger runs a real forward: after training, so that its memory is not counted as the runtime's
     widest = max(train_b, key=lambda b: b["input_ids"].numel())
-    knobs = {k: run.switch(k) for k in ("optimizer", "precision", "lora", "checkpointing")}
+    knobs = {k: run.switch(k) for k in LEDGER_KNOBS}
     out["ledger"] = {
         k: v for k, v in ledger(model, batch=widest, **knobs).items() if k in (*LEDGER_TERMS, "total")
     }
