@@ -142,10 +142,12 @@ def apply_lora(
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
-    """(trainable, total, percent trainable); tied weights count once, as model.parameters() dedups."""
+    """(trainable, total, percent trainable); tied weights count once, as model.parameters() dedups, and a
+    quantized base's weights count as the parameters they stand for."""
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    frozen = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, FrozenLinear))
+    total = sum(p.numel() for p in params) + frozen
     return trainable, total, 100.0 * trainable / total
 
 

@@ -81,6 +81,43 @@ PRESETS = {
             "original_max_position_embeddings": 8192,
         },
     ),
+    "llama-3.2-3b": ModelArgs(  # shapes only (memory predictions): 3.21 B parameters
+        vocab_size=128256,
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        hidden_dim=8192,
+        head_dim=128,
+        rope_theta=500000.0,
+        max_seq_len=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama-3.1-8b": ModelArgs(  # shapes only (memory predictions): 8.03 B parameters, untied head
+        vocab_size=128256,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        hidden_dim=14336,
+        head_dim=128,
+        rope_theta=500000.0,
+        max_seq_len=131072,
+        tie_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
 }
 
 

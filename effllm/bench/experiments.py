@@ -130,8 +130,9 @@ def finetune(**fields) -> dict:
     # the ledger runs a real forward: after training, so that its memory is not counted as the runtime's
     widest = max(train_b, key=lambda b: b["input_ids"].numel())
     knobs = {k: run.switch(k) for k in LEDGER_KNOBS}
-    out["ledger"] = {
-        k: v for k, v in ledger(model, batch=widest, **knobs).items() if k in (*LEDGER_TERMS, "total")
+    predicted = ledger(model, batch=widest, **knobs)
+    out["ledger"] = {  # the terms, and the parameters by how they are stored (fp32, bf16, nf4...)
+        k: v for k, v in predicted.items() if k in (*LEDGER_TERMS, "total") or k.startswith("parameters_")
     }
     if result.status == "ok":
         out["times"] = measure.step_times(result.records, warmup_steps=min(run.warmup, run.steps - 1))
@@ -155,16 +156,20 @@ def sweep(base: Run, configs: dict[str, dict], *, progress: Callable = iter) -> 
 
 
 def stack_configs(mixed_precision: str, lora: dict, labels: list[str]) -> dict[str, dict]:
-    """The reference table's four cumulative configurations under its labels, as Run.but changes:
-    fp32, then mixed precision, then checkpointing every block, then LoRA."""
+    """The stacked table's cumulative configurations under its labels, as Run.but changes: fp32, then
+    mixed precision, then checkpointing every block, then LoRA (the reference's four), then the base in
+    4-bit NF4 (QLoRA); fewer labels take the first configurations."""
     mp = dict(precision=mixed_precision)
     changes = [
         dict(precision="fp32"),
         mp,
         {**mp, "checkpointing": 1},
         {**mp, "checkpointing": 1, "lora": lora},
+        {**mp, "checkpointing": 1, "lora": lora, "quantize_base": "nf4"},
     ]
-    return dict(zip(labels, changes, strict=True))
+    if len(labels) > len(changes):
+        raise ValueError(f"{len(labels)} labels for {len(changes)} stacked configurations")
+    return dict(zip(labels, changes, strict=False))
 
 
 def _metrics(res: dict):

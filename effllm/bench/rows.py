@@ -14,7 +14,7 @@ LEDGER_TERMS = ("parameters", "gradients", "optimizer_state", "activations", "we
 
 _UNITS = {
     "s": "runtime_s runtime_min_s runtime_max_s prefill_s decode_s step_s micro_step_s backward_s "
-    "first_call_s compile_s self_s_per_token",
+    "first_call_s compile_s self_s_per_token dequantize_s matmul_s",
     "B": "weights_bytes kv_cache_bytes peak_rss_bytes baseline_rss_bytes added_rss_bytes "
     "peak_allocated_bytes "
     "peak_reserved_bytes peak_bytes peak_live_bytes predicted_total_bytes read_bytes_per_token",
@@ -22,7 +22,8 @@ _UNITS = {
     "B/s": "read_bandwidth linear_read_bandwidth",
     "FLOP/s": "matmul_flop_s achieved_flop_s",
     "FLOP": "flops_per_token",
-    "fraction": "fraction_of_limit fraction_of_linear_limit lost_update_share mfu top1_agreement",
+    "fraction": "fraction_of_limit fraction_of_linear_limit lost_update_share mfu top1_agreement "
+    "gap_recovered",
     "nats": "loss eval_loss final_loss",
     "count": "trainable_params total_params truncated_examples",
     "%": "trainable_pct",
@@ -39,6 +40,8 @@ _UNITS = {
 }
 UNITS = {metric: unit for unit, names in _UNITS.items() for metric in names.split()}
 UNITS |= {f"predicted_{term}_bytes": "B" for term in LEDGER_TERMS}
+WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "nf4", "int8", "int4")  # the ledger's parameters_<format>
+UNITS |= {f"predicted_parameters_{fmt}_bytes": "B" for fmt in WEIGHT_FORMATS}
 
 
 def row(metric: str, value: float | None, *, status: str = "ok", reason: str = "", **params) -> dict:

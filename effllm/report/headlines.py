@@ -181,6 +181,44 @@ def quantization(results_dir: Path) -> str:
     return "; ".join(parts) + "."
 
 
+def qlora(results_dir: Path) -> str:
+    runs = _load(results_dir, "08_qlora", "runs")
+    setting = runs.drop_duplicates("config").set_index("config")
+    four = [c for c in setting.index if pd.notna(setting.quantize_base[c]) and not setting.checkpointing[c]]
+    parts = []
+    for cfg in four:
+        twin = next(
+            (
+                c
+                for c in setting.index
+                if pd.isna(setting.quantize_base[c]) and setting.precision[c] == setting.precision[cfg]
+            ),
+            None,
+        )
+        if twin is None:
+            continue
+        try:
+            p0, p1 = (_value(runs, "peak_bytes", config=c) / 1e6 for c in (twin, cfg))
+            t0, t1 = (_value(runs, "step_s", config=c) for c in (twin, cfg))
+        except Missing:
+            continue
+        parts.append(
+            f"{cfg} against {twin}: peak {p0:,.0f} to {p1:,.0f} MB (**x{p1 / p0:.2f}**), step x{t1 / t0:.2f}"
+        )
+    if not parts:
+        raise Missing("no QLoRA configuration ran beside its LoRA twin")
+    qat, _ = results.try_load(results_dir, "08_qlora", "qat")
+    if qat is not None:
+        gaps = qat[
+            (qat["metric"] == "gap_recovered") & (qat["status"] == "ok") & (qat["arithmetic"] == "fp32")
+        ]
+        for _, r in gaps.iterrows():
+            parts.append(
+                f"QAT recovers **{r['value']:.0%}** of the int4 g{int(r['group_size'])} post-training gap"
+            )
+    return "; ".join(parts) + "."
+
+
 HEADLINES: dict[str, tuple[str, Callable[[Path], str]]] = {
     "01_kv_cache": ("KV caching", kv_cache),
     "02_lora": ("LoRA", lora),
@@ -188,6 +226,7 @@ HEADLINES: dict[str, tuple[str, Callable[[Path], str]]] = {
     "04_checkpointing": ("Activation checkpointing", checkpointing),
     "05_accumulation": ("Gradient accumulation", accumulation),
     "07_quantization": ("Fast decoding", quantization),
+    "08_qlora": ("4-bit fine-tuning", qlora),
 }
 
 

@@ -6,7 +6,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from effllm.bench.rows import LEDGER_TERMS
+from effllm.bench.rows import LEDGER_TERMS, WEIGHT_FORMATS
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -70,12 +70,15 @@ def ledger_bars(terms: pd.DataFrame, *, title: str = "") -> Figure:
     fig, ax = plt.subplots(figsize=(7.2, 3.8))
     x = range(len(terms))
     bottom = pd.Series(0.0, index=terms.index)
-    for term in LEDGER_TERMS:
-        col = f"predicted_{term}_bytes"
-        if col in terms and terms[col].fillna(0).any():
-            height = terms[col].fillna(0)
-            ax.bar([i - 0.2 for i in x], height, 0.4, bottom=bottom, label=term.replace("_", " "))
-            bottom += height
+    stored = [f"parameters_{fmt}" for fmt in WEIGHT_FORMATS if f"predicted_parameters_{fmt}_bytes" in terms]
+    for term in LEDGER_TERMS:  # the parameters split by how they are stored (fp32, nf4...) where known
+        for part in stored if term == "parameters" and stored else [term]:
+            col = f"predicted_{part}_bytes"
+            if col in terms and terms[col].fillna(0).any():
+                height = terms[col].fillna(0)
+                label = part.replace("parameters_", "weights ").replace("_", " ")
+                ax.bar([i - 0.2 for i in x], height, 0.4, bottom=bottom, label=label)
+                bottom += height
     if "peak_bytes" in terms:
         ax.bar([i + 0.2 for i in x], terms["peak_bytes"], 0.4, color="0.35", label="measured peak")
     if "peak_live_bytes" in terms:  # CPU: the tensors' own peak, inside the resident set's

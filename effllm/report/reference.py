@@ -17,7 +17,13 @@ INFERENCE = pd.DataFrame(
     ],
     columns=["batch", "cache", "peak_memory_gb", "runtime_s"],
 )
-STACK = ["Baseline (FP32)", "+ Mixed precision", "+ Checkpointing", "+ LoRA"]  # 02_lora's stacked techniques
+STACK = [
+    "Baseline (FP32)",
+    "+ Mixed precision",
+    "+ Checkpointing",
+    "+ LoRA",
+]  # the reference's stacked techniques
+STACKED = [*STACK, "+ 4-bit base (QLoRA)"]  # 02_lora's: the reference's rows, then one of our own
 FINETUNE = pd.DataFrame(
     [(STACK[0], 14800, 1.12), (STACK[1], 7800, 0.61), (STACK[2], 6200, 0.73), (STACK[3], 6100, 0.68)],
     columns=["technique", "peak_memory_mb", "runtime_per_step_s"],

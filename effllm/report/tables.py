@@ -129,7 +129,7 @@ def finetune_table(stack: pd.DataFrame) -> pd.DataFrame:
     """The reference fine-tuning table (techniques stacked) from 02_lora's stack rows."""
     ok = wide(stack)
     out = pd.DataFrame(
-        index=pd.Index([c for c in reference.STACK if c in set(stack["config"])], name="technique")
+        index=pd.Index([c for c in reference.STACKED if c in set(stack["config"])], name="technique")
     )
     out["peak_memory_mb"] = ok.get("peak_bytes", pd.Series(dtype=float)) / 1e6
     out["predicted_mb"] = ok.get("predicted_total_bytes", pd.Series(dtype=float)) / 1e6
@@ -439,3 +439,58 @@ def step_profile(profile: pd.DataFrame) -> pd.DataFrame:
     """Milliseconds per generated token and share of the step, by op."""
     t = profile.set_index("op")["value"]
     return pd.DataFrame({"ms_per_token": 1e3 * t, "share_pct": 100 * t / t.sum()})
+
+
+def qlora_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """config_table of the 4-bit fine-tuning configurations, with the held-out loss after training and
+    each QLoRA configuration against LoRA in the same precision (step time and held-out loss)."""
+    table = config_table(runs)
+    held = curves(runs, "eval_loss").sort_values("step").groupby("config", sort=False)["value"].last()
+    table.insert(len(table.columns) - 1, "held_out_loss", held.reindex(table.index))
+    setting = runs.drop_duplicates("config").set_index("config")
+    is_4bit = (
+        setting["quantize_base"].notna() if "quantize_base" in setting else pd.Series(False, setting.index)
+    )
+    lora_of = {p: c for c, p in setting["precision"].items() if not is_4bit[c]}
+    twin = [lora_of.get(setting["precision"][c]) if is_4bit[c] else None for c in table.index]
+    for column, name in (("runtime_per_step_s", "step_time_vs_lora"), ("held_out_loss", "held_out_vs_lora")):
+        if column in table:
+            base = [table[column].get(t) if t else None for t in twin]
+            table.insert(
+                len(table.columns) - 1, name, table[column] / pd.Series(base, table.index, dtype=float)
+            )
+    return table
+
+
+def storage_table(storage: pd.DataFrame) -> pd.DataFrame:
+    """Per kind of block linear: fp32 and NF4 megabytes, their ratio and the NF4 relative error."""
+    size = storage[storage.metric == "weights_bytes"].pivot_table(
+        index="kind", columns="format", values="value", sort=False
+    )
+    out = pd.DataFrame({"fp32 (MB)": size["fp32"] / 1e6, "nf4 (MB)": size["nf4"] / 1e6})
+    out["nf4 / fp32"] = size["nf4"] / size["fp32"]
+    out["relative error"] = metric(storage, "relative_error", ["kind"])
+    out.loc["all"] = [
+        out["fp32 (MB)"].sum(),
+        out["nf4 (MB)"].sum(),
+        size["nf4"].sum() / size["fp32"].sum(),
+        float("nan"),
+    ]
+    return out
+
+
+def dequantize_table(cost: pd.DataFrame) -> pd.DataFrame:
+    """Dequantizing each kind of layer against its matmul, milliseconds, by dtype."""
+    ok = cost[cost.status == "ok"].pivot_table(
+        index=["kind", "dtype"], columns="metric", values="value", sort=False
+    )
+    out = pd.DataFrame({"dequantize (ms)": ok.dequantize_s * 1e3, "matmul (ms)": ok.matmul_s * 1e3})
+    out["dequantize / matmul"] = ok.dequantize_s / ok.matmul_s
+    return out
+
+
+def qat_table(qat: pd.DataFrame) -> pd.DataFrame:
+    """Held-out perplexity of each model (rows) in fp32 arithmetic and on the int4 kernel (bf16)."""
+    ppl = qat[(qat.metric == "perplexity") & (qat.status == "ok")]
+    table = ppl.pivot_table(index="model", columns="arithmetic", values="value", sort=False)
+    return table.rename(columns={"fp32": "fp32 arithmetic", "bf16": "bf16 (int4 rows: on the int4 kernel)"})
