@@ -75,7 +75,8 @@ def q4_1_to_int4(q: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tenso
 def fake_quantize_int4(w: Tensor, group_size: int) -> Tensor:
     """w rounded onto its int4 grid (quantize_int4, then back), the gradient passing straight through."""
     q, scales, zeros = quantize_int4(w.detach(), group_size)
-    return w + (dequantize_int4(q, scales, zeros, group_size).to(w.dtype) - w).detach()
+    grid = dequantize_int4(q, scales, zeros, group_size).to(w.dtype)
+    return grid + (w - w.detach())  # exactly the grid's values; the gradient of w passes unchanged
 
 
 def pack_nibbles(q: Tensor) -> Tensor:

@@ -66,6 +66,27 @@ def main(run: Path) -> None:
         summary = tables.ladder_summary(ladder, quality)
         print()
         print(markdown(summary, {c: ".2f" if c.endswith("pct") else ".1f" for c in summary.columns}))
+    runs, _ = results.try_load(run / "results", "08_qlora", "runs")
+    if runs is not None:
+        qlora = tables.qlora_table(runs)
+        columns = {
+            "peak_memory_mb": ",.0f",
+            "live_tensors_mb": ",.0f",
+            "predicted_memory_mb": ",.0f",
+            "runtime_per_step_s": ".2f",
+            "step_time_vs_lora": ".2f",
+            "held_out_loss": ".3f",
+            "held_out_vs_lora": ".3f",
+        }
+        print()
+        print(markdown(qlora, {k: f for k, f in columns.items() if k in qlora}))
+        print("\n" + findings.qlora(qlora, runs))
+    qat, _ = results.try_load(run / "results", "08_qlora", "qat")
+    if qat is not None:
+        table = tables.qat_table(qat)
+        print()
+        print(markdown(table, dict.fromkeys(table.columns, ".3f")))
+        print("\n" + findings.qat(table, qat))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from effllm.bench.rows import failure_status, row
 from effllm.device import resolve_device
 from effllm.lora import remove_lora
 from effllm.model import BLOCK_LINEARS, Llama, block_linears
-from effllm.nf4 import NF4Linear, dequantize_nf4, quantize_nf4
+from effllm.nf4 import NF4Linear, dequantize_nf4, quantize_base, quantize_nf4
 from effllm.precision import dtype as torch_dtype
 from effllm.quantization import convert_qat, fake_quantize_int4, quantize
 from effllm.step import evaluate
@@ -50,6 +50,16 @@ def storage_rows(model: Llama) -> list[dict]:
             row("relative_error", err / size, format="nf4", **params),
         ]
     return rows
+
+
+def base_loss_rows(model: Llama, tokenizer, run: Run) -> list[dict]:
+    """Held-out loss of the model before any training, in full precision and with its base on NF4."""
+    eval_b, _ = alpaca_batches(tokenizer, run, "eval", run.eval_examples)
+    four_bit = quantize_base(copy.deepcopy(model))
+    return [
+        row("eval_loss", evaluate(model, eval_b), base="full precision"),
+        row("eval_loss", evaluate(four_bit, eval_b), base="nf4"),
+    ]
 
 
 def _best_time(fn, repeats: int) -> float:

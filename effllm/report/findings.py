@@ -870,6 +870,17 @@ def nf4_storage(storage: pd.DataFrame) -> str:
     )
 
 
+def base_loss(rows: pd.DataFrame) -> str:
+    """The held-out loss the NF4 base starts from against the full-precision one."""
+    loss = rows[rows.status == "ok"].set_index("base")["value"]
+    full, four = loss["full precision"], loss["nf4"]
+    return (
+        f"Before training, the held-out loss is **{full:.3f}** with the full-precision base and "
+        f"**{four:.3f}** with the NF4 base (**{four / full - 1:+.1%}**): the gap the adapters of a QLoRA "
+        "fine-tune start from."
+    )
+
+
 def dequantize_cost(cost: pd.DataFrame) -> str:
     """What dequantizing a layer costs against its matmul, and what that makes of a QLoRA step."""
     share = cost["dequantize / matmul"]

@@ -76,3 +76,10 @@ def test_the_headline_reads_the_qlora_runs_and_the_qat_gap(tmp_path):
     text = headlines.qlora(tmp_path)
     assert "QLoRA NF4, bf16 compute against LoRA bf16: peak 1,200 to 800 MB (**x0.67**), step x1.20" in text
     assert "QAT recovers **40%** of the int4 g64 post-training gap" in text
+
+
+def test_the_base_loss_prose_gives_the_gap_the_adapters_start_from():
+    rows = pd.DataFrame([row("eval_loss", 2.0, base="full precision"), row("eval_loss", 2.2, base="nf4")])
+    assert "**2.000** with the full-precision base and **2.200** with the NF4 base (**+10.0%**)" in (
+        findings.base_loss(rows)
+    )
