@@ -89,7 +89,13 @@ class Run:
             max_len=self.max_len,
             lora=lora is not None,
             lora_r=(lora or {}).get("r"),
+            lora_targets=_targets_label((lora or {}).get("targets", ("q_proj", "v_proj")) if lora else None),
         )
+
+
+def _targets_label(targets) -> str | None:
+    """LoRA targets as one string: ("q_proj", "v_proj") -> "q_proj,v_proj"; "all-linear" stays."""
+    return targets if targets is None or isinstance(targets, str) else ",".join(targets)
 
 
 def alpaca_batches(tokenizer, run: Run, split: str, n: int) -> tuple[list[dict], int]:

@@ -899,17 +899,8 @@ def qlora(table: pd.DataFrame, runs: pd.DataFrame) -> str:
     """QLoRA against LoRA: memory saved as measured and as the ledger predicts, step time, held-out loss."""
     ok, lines = table[table.status == "ok"], []
     terms = tables.wide(runs)
-    setting = runs.drop_duplicates("config").set_index("config")
-    for cfg in ok.index[ok.step_time_vs_lora.notna()] if "step_time_vs_lora" in ok else []:
-        twin = next(
-            (
-                c
-                for c in ok.index
-                if pd.isna(setting.quantize_base[c]) and setting.precision[c] == setting.precision[cfg]
-            ),
-            None,
-        )
-        if twin is None:
+    for cfg, twin in tables.lora_twins(runs).items():
+        if cfg not in ok.index or twin not in ok.index:
             continue
         saved_pred = terms.predicted_total_bytes[twin] - terms.predicted_total_bytes[cfg]
         saved_meas = terms.peak_bytes[twin] - terms.peak_bytes[cfg]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from effllm.report import reference, results
+from effllm.report import reference, results, tables
 from effllm.report.display import number
 
 
@@ -184,19 +184,10 @@ def quantization(results_dir: Path) -> str:
 def qlora(results_dir: Path) -> str:
     runs = _load(results_dir, "08_qlora", "runs")
     setting = runs.drop_duplicates("config").set_index("config")
-    four = [c for c in setting.index if pd.notna(setting.quantize_base[c]) and not setting.checkpointing[c]]
     parts = []
-    for cfg in four:
-        twin = next(
-            (
-                c
-                for c in setting.index
-                if pd.isna(setting.quantize_base[c]) and setting.precision[c] == setting.precision[cfg]
-            ),
-            None,
-        )
-        if twin is None:
-            continue
+    for cfg, twin in tables.lora_twins(runs).items():
+        if setting.checkpointing[cfg] != setting.checkpointing[twin]:
+            continue  # the headline sets like against like
         try:
             p0, p1 = (_value(runs, "peak_bytes", config=c) / 1e6 for c in (twin, cfg))
             t0, t1 = (_value(runs, "step_s", config=c) for c in (twin, cfg))

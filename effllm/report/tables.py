@@ -441,18 +441,31 @@ def step_profile(profile: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"ms_per_token": 1e3 * t, "share_pct": 100 * t / t.sum()})
 
 
+def lora_twins(runs: pd.DataFrame) -> dict[str, str]:
+    """Each configuration on a 4-bit base -> the one on the full-precision base with the same precision
+    and adapters (and the same checkpointing where there is one): what it is set against."""
+    setting = runs.drop_duplicates("config").set_index("config")
+    if "quantize_base" not in setting:
+        return {}
+    same = lambda a, b, cols: all(str(setting[k][a]) == str(setting[k][b]) for k in cols if k in setting)
+    full = setting.index[setting["quantize_base"].isna()]
+    out = {}
+    for c in setting.index[setting["quantize_base"].notna()]:
+        like = [f for f in full if same(c, f, ("precision", "lora_targets"))]
+        matched = [f for f in like if same(c, f, ("checkpointing",))]
+        if like:
+            out[c] = (matched or like)[0]
+    return out
+
+
 def qlora_table(runs: pd.DataFrame) -> pd.DataFrame:
     """config_table of the 4-bit fine-tuning configurations, with the held-out loss after training and
     each QLoRA configuration against LoRA in the same precision (step time and held-out loss)."""
     table = config_table(runs)
     held = curves(runs, "eval_loss").sort_values("step").groupby("config", sort=False)["value"].last()
     table.insert(len(table.columns) - 1, "held_out_loss", held.reindex(table.index))
-    setting = runs.drop_duplicates("config").set_index("config")
-    is_4bit = (
-        setting["quantize_base"].notna() if "quantize_base" in setting else pd.Series(False, setting.index)
-    )
-    lora_of = {p: c for c, p in setting["precision"].items() if not is_4bit[c]}
-    twin = [lora_of.get(setting["precision"][c]) if is_4bit[c] else None for c in table.index]
+    twins = lora_twins(runs)
+    twin = [twins.get(c) for c in table.index]
     for column, name in (("runtime_per_step_s", "step_time_vs_lora"), ("held_out_loss", "held_out_vs_lora")):
         if column in table:
             base = [table[column].get(t) if t else None for t in twin]
