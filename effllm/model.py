@@ -50,6 +50,13 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
 
+LLAMA_3_2_ROPE = {  # Llama 3.2's RoPE scaling (Llama 3.1 8B's differs only in its factor, 8)
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 PRESETS = {
     "tiny": ModelArgs(
         vocab_size=259,
@@ -73,13 +80,7 @@ PRESETS = {
         head_dim=64,
         rope_theta=500000.0,
         max_seq_len=131072,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=LLAMA_3_2_ROPE,
     ),
     "llama-3.2-3b": ModelArgs(  # shapes only (memory predictions): 3.21 B parameters
         vocab_size=128256,
@@ -91,13 +92,7 @@ PRESETS = {
         head_dim=128,
         rope_theta=500000.0,
         max_seq_len=131072,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=LLAMA_3_2_ROPE,
     ),
     "llama-3.1-8b": ModelArgs(  # shapes only (memory predictions): 8.03 B parameters, untied head
         vocab_size=128256,
@@ -110,13 +105,7 @@ PRESETS = {
         rope_theta=500000.0,
         max_seq_len=131072,
         tie_embeddings=False,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling={**LLAMA_3_2_ROPE, "factor": 8.0},
     ),
 }
 

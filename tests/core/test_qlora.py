@@ -230,3 +230,10 @@ def test_bad_4bit_switches_are_refused_with_the_reason(tiny):
     with pytest.raises(InputError, match=r"layers.1.mlp.gate_proj has 2079 weights"):
         nf4.quantize_base(odd)
     assert not any(isinstance(m, nf4.NF4Linear) for m in odd.modules())  # nothing half-quantized
+
+
+def test_the_larger_presets_have_their_published_sizes():
+    for name, billions in (("llama-3.2-3b", 3.21), ("llama-3.1-8b", 8.03)):
+        with torch.device("meta"):
+            n = sum(p.numel() for p in Llama(PRESETS[name]).parameters())
+        assert round(n / 1e9, 2) == billions, (name, n)
