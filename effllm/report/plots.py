@@ -67,7 +67,7 @@ def ledger_bars(terms: pd.DataFrame, *, title: str = "") -> Figure:
 
     terms: one row per configuration, columns predicted_<term>_bytes, peak_bytes, peak_live_bytes (MB).
     """
-    fig, ax = plt.subplots(figsize=(7.2, 3.8))
+    fig, ax = plt.subplots(figsize=(max(7.2, 1.2 * len(terms) + 3.5), 3.8))
     x = range(len(terms))
     bottom = pd.Series(0.0, index=terms.index)
     stored = [f"parameters_{fmt}" for fmt in WEIGHT_FORMATS if f"predicted_parameters_{fmt}_bytes" in terms]
@@ -93,7 +93,7 @@ def ledger_bars(terms: pd.DataFrame, *, title: str = "") -> Figure:
         )
     ax.set_xticks(list(x), terms.index, rotation=15, ha="right")
     ax.set(ylabel="MB", title=title or "predicted (stacked) vs measured")
-    ax.legend(fontsize="small", ncols=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     return fig
 
