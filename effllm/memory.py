@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from effllm.lora import apply_lora, lora_layers
-from effllm.model import FrozenLinear, Llama, ModelArgs, training_mode
+from effllm.model import FrozenLinear, Llama, ModelArgs, quantized_base, training_mode
 from effllm.nf4 import quantize_base as to_4bit
 from effllm.precision import autocast
 from effllm.step import loss_fn
@@ -111,7 +111,7 @@ def ledger(
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     dtype = next(model.parameters()).dtype
     needs_lora = lora is not None and not lora_layers(model)
-    held = next((m.storage for m in model.modules() if isinstance(m, FrozenLinear)), None)
+    held = quantized_base(model)
     needs_4bit = quantize_base is not None and held is None
     if needs_4bit and lora_layers(model):
         raise ValueError("the model has adapters on a full-precision base: quantize_base cannot apply")
@@ -133,8 +133,8 @@ def ledger(
         by_dtype[name] = by_dtype.get(name, 0) + p.numel() * p.element_size()
     for m in model.modules():  # a quantized base: its codes and constants, by format
         if isinstance(m, FrozenLinear):
-            held = sum(b.numel() * b.element_size() for b in m.buffers())
-            by_dtype[m.storage] = by_dtype.get(m.storage, 0) + held
+            stored = sum(b.numel() * b.element_size() for b in m.buffers())
+            by_dtype[m.storage] = by_dtype.get(m.storage, 0) + stored
     grads = sum(p.numel() * p.element_size() for p in trainable)
     adam = sum(2 * p.numel() * p.element_size() + 4 for p in trainable)
     out = {

@@ -373,6 +373,11 @@ class FrozenLinear(nn.Module):
     out_features: int
 
 
+def quantized_base(model: nn.Module) -> str | None:
+    """The storage format of the model's frozen quantized linears (nf4, int8, int4), or None."""
+    return next((m.storage for m in model.modules() if isinstance(m, FrozenLinear)), None)
+
+
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

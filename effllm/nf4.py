@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from effllm.checks import InputError, choice
 from effllm.lora import lora_layers
-from effllm.model import FrozenLinear, block_linears
+from effllm.model import FrozenLinear, block_linears, quantized_base
 
 NF4_LEVELS = (
     -1.0,
@@ -83,11 +83,15 @@ def quantize_blockwise(x: Tensor, levels: Tensor, block: int) -> tuple[Tensor, T
     return torch.bucketize(scaled, bounds.to(x.device)).to(torch.uint8), absmax
 
 
+def scale_blocks(values: Tensor, absmax: Tensor, block: int) -> Tensor:
+    """Flat values times their block's absmax (a last, partial block padded for the product)."""
+    n = values.numel()
+    padded = values if n == absmax.numel() * block else F.pad(values, (0, absmax.numel() * block - n))
+    return (padded.view(-1, block) * absmax[:, None]).reshape(-1)[:n]
+
+
 def dequantize_blockwise(q: Tensor, absmax: Tensor, levels: Tensor, block: int) -> Tensor:
-    values = levels.to(q.device)[q.long()]
-    n_blocks = absmax.numel()
-    padded = F.pad(values, (0, n_blocks * block - values.numel())).view(n_blocks, block)
-    return (padded * absmax[:, None]).reshape(-1)[: values.numel()]
+    return scale_blocks(levels.to(q.device)[q.long()], absmax, block)
 
 
 @dataclass
@@ -127,12 +131,7 @@ def dequantize_nf4(weight: NF4Weight, dtype: torch.dtype = torch.float32) -> Ten
     """The weight in dtype: both levels of each byte looked up at once, times the block's absmax in fp32."""
     pairs = torch.tensor(NF4_PAIRS, device=weight.packed.device)  # (256, 2)
     values = pairs.index_select(0, weight.packed.int()).view(-1)  # (numel,) fp32; 4x faster than []
-    absmax = weight.absmax()
-    if values.numel() % BLOCK == 0:
-        w = values.view(-1, BLOCK) * absmax[:, None]
-    else:  # a last, partial block
-        w = F.pad(values, (0, absmax.numel() * BLOCK - values.numel())).view(-1, BLOCK) * absmax[:, None]
-    return w.view(-1)[: values.numel()].view(weight.shape).to(dtype)
+    return scale_blocks(values, weight.absmax(), BLOCK).view(weight.shape).to(dtype)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -210,13 +209,13 @@ def quantize_base(model: nn.Module, scheme: str = "nf4") -> nn.Module:
     model already quantized or already carrying adapters (quantize first, then add LoRA), a layer whose
     shape NF4 cannot pack (named)."""
     choice("quantize_base", scheme, SCHEMES)
-    if any(isinstance(m, FrozenLinear) for m in model.modules()):
+    if quantized_base(model) is not None:
         raise InputError("the model's base is already quantized: load it again to quantize it another way")
     if lora_layers(model):
         raise InputError("the model carries LoRA adapters: quantize the base first, then add adapters")
     layers = block_linears(model)
     if not layers:
-        raise InputError(f"{type(model).__name__} has no block linears  to quantize")
+        raise InputError(f"{type(model).__name__} has no block linears to quantize")
     for name, module, child in layers:  # every layer checked before any is replaced
         NF4Linear.check(name, getattr(module, child))
     for name, module, child in layers:  # the full-precision weight is freed as each layer is replaced

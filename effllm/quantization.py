@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from effllm.checks import ConfigError, InputError, choice, integer
 from effllm.lora import lora_layers, remove_lora
-from effllm.model import BLOCK_LINEARS, FrozenLinear, Llama, ModelArgs, block_linears
+from effllm.model import BLOCK_LINEARS, FrozenLinear, Llama, ModelArgs, block_linears, quantized_base
 
 SCHEMES = ("int8", "int4", "q4_1")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -289,6 +289,16 @@ def quantize(
 QAT_SCHEMES = ("int4",)
 
 
+@torch.no_grad()
+def round_to_int4(model: Llama, group_size: int) -> Llama:
+    """Round the weights of the model's plain block linears onto their int4 grid, in place: the int4
+    model's numbers, kept in the model's dtype (the LoRA-wrapped linears are left alone)."""
+    for _, module, child in block_linears(model):
+        weight = getattr(module, child).weight
+        weight.copy_(fake_quantize_int4(weight, group_size))
+    return model
+
+
 def prepare_qat(model: Llama, scheme: str = "int4", *, group_size: int = 32) -> Llama:
     """Make `model` (with LoRA adapters, before training) see the int4 weights it will be converted to.
 
@@ -303,18 +313,14 @@ def prepare_qat(model: Llama, scheme: str = "int4", *, group_size: int = 32) -> 
             "QAT here trains LoRA adapters on a frozen base: pass lora= (QAT of a full fine-tune is not "
             "supported)"
         )
-    if any(isinstance(m, FrozenLinear) for m in model.modules()):
+    if quantized_base(model) is not None:
         raise InputError("QAT fake-quantizes a full-precision base; this model's base is already quantized")
     plain = block_linears(model)
     bases = [(f"{n}.base", m, "base") for n, m in adapted.items()]
     _check_shapes(plain + bases, scheme, group_size, None)
-    fake = partial(fake_quantize_int4, group_size=group_size)
-    with torch.no_grad():
-        for _, module, child in plain:
-            weight = getattr(module, child).weight
-            weight.copy_(fake(weight))
+    round_to_int4(model, group_size)
     for m in adapted.values():
-        m.weight_transform = fake
+        m.weight_transform = partial(fake_quantize_int4, group_size=group_size)
     model.qat = {"scheme": scheme, "group_size": group_size}
     return model
 

@@ -20,7 +20,7 @@ from effllm import checks
 from effllm.checks import InputError
 from effllm.device import is_oom, sync
 from effllm.lora import apply_lora, lora_layers, trainable_parameters
-from effllm.model import FrozenLinear, training_mode
+from effllm.model import quantized_base, training_mode
 from effllm.nf4 import SCHEMES as BASE_SCHEMES
 from effllm.nf4 import quantize_base as to_4bit
 from effllm.precision import AUTOCAST, precision_problem
@@ -181,7 +181,7 @@ def train(
     if reason := precision_problem(precision, device):
         return TrainResult(status="unsupported", reason=reason)
     torch.manual_seed(seed)
-    if quantize_base is not None and not any(isinstance(m, FrozenLinear) for m in model.modules()):
+    if quantize_base is not None and quantized_base(model) is None:
         to_4bit(model, quantize_base)
     if lora is not None and not lora_layers(model):
         apply_lora(model, **{"seed": seed, **lora})

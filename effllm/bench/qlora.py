@@ -24,7 +24,7 @@ from effllm.lora import remove_lora
 from effllm.model import BLOCK_LINEARS, Llama, block_linears
 from effllm.nf4 import NF4Linear, dequantize_nf4, quantize_base, quantize_nf4
 from effllm.precision import dtype as torch_dtype
-from effllm.quantization import convert_qat, fake_quantize_int4, quantize
+from effllm.quantization import convert_qat, quantize, round_to_int4
 from effllm.step import evaluate
 from effllm.training import train
 
@@ -93,14 +93,9 @@ def dequantize_rows(model: Llama, *, tokens: int, dtypes=("fp32", "bf16"), repea
 
 
 def int4_weights(model: Llama, group_size: int) -> Llama:
-    """A copy of model whose block linears hold their int4 weights (group-wise, dequantized to fp32): the
-    int4 model's numbers in fp32 arithmetic (the CPU int4 kernel is vectorised for bf16 activations only)."""
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for _, module, child in block_linears(twin):
-            weight = getattr(module, child).weight
-            weight.copy_(fake_quantize_int4(weight, group_size))
-    return twin
+    """A copy of model whose block linears hold their int4 weights in fp32: the int4 model's numbers in
+    fp32 arithmetic (the CPU int4 kernel is vectorised for bf16 activations only)."""
+    return round_to_int4(copy.deepcopy(model), group_size)
 
 
 def qat(*, run: dict, group_sizes: list[int]) -> dict:

@@ -83,3 +83,16 @@ def test_the_base_loss_prose_gives_the_gap_the_adapters_start_from():
     assert "**2.000** with the full-precision base and **2.200** with the NF4 base (**+10.0%**)" in (
         findings.base_loss(rows)
     )
+
+
+def test_a_4bit_run_is_paired_with_the_lora_run_of_the_same_precision_and_adapters():
+    rows = runs()
+    rows["lora_targets"] = "q_proj,v_proj"
+    every = dict(precision="bf16", checkpointing=0, lora_targets="all-linear")
+    extra = [
+        row("step_s", 3.0, config="LoRA bf16, all linears", quantize_base=None, **every),
+        row("step_s", 2.7, config="QLoRA NF4, bf16, all linears", quantize_base="nf4", **every),
+    ]
+    twins = tables.lora_twins(pd.concat([rows, pd.DataFrame(extra)]))
+    assert twins["QLoRA NF4, bf16, all linears"] == "LoRA bf16, all linears"
+    assert twins["QLoRA NF4, bf16 compute"] == "LoRA bf16"
